@@ -1,0 +1,85 @@
+/* proto.c: payload schemas of the actor protocol and reply helpers. */
+#include "actors/proto.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+
+#include "util/log.h"
+
+static const rt_field problem_fields[] = {
+    RT_FIELD(problem, status, RT_F_U64),
+    RT_FIELD(problem, code, RT_F_STR),
+    RT_FIELD(problem, detail, RT_F_STR),
+};
+const rt_schema problem_schema = RT_SCHEMA("problem", problem_fields);
+
+static const rt_field submit_fields[] = {
+    RT_FIELD(submit, account_id, RT_F_U64),
+    RT_FIELD(submit, device_id, RT_F_U64),
+    RT_FIELD(submit, direct, RT_F_BOOL),
+    RT_FIELD(submit, force, RT_F_BOOL),
+    RT_FIELD(submit, to, RT_F_STR),
+    RT_FIELD(submit, text, RT_F_STR),
+    RT_FIELD(submit, priority, RT_F_U64),
+    RT_FIELD(submit, ttl_s, RT_F_I64),
+    RT_FIELD(submit, encoding, RT_F_U64),
+    RT_FIELD(submit, segments, RT_F_U64),
+};
+const rt_schema submit_schema = RT_SCHEMA("submit", submit_fields);
+
+static const rt_field device_create_fields[] = {
+    RT_FIELD(device_create, account_id, RT_F_U64),
+    RT_FIELD(device_create, name, RT_F_STR),
+    RT_FIELD(device_create, rate_per_minute, RT_F_U64),
+};
+const rt_schema device_create_schema = RT_SCHEMA("device_create", device_create_fields);
+
+static const rt_field dev_reply_fields[] = {
+    RT_FIELD(dev_reply, id, RT_F_U64),
+    RT_FIELD(dev_reply, account_id, RT_F_U64),
+    RT_FIELD(dev_reply, name, RT_F_STR),
+    RT_FIELD(dev_reply, rate_per_minute, RT_F_U64),
+    RT_FIELD(dev_reply, created_at, RT_F_I64),
+    RT_FIELD(dev_reply, password, RT_F_NSTR),
+};
+const rt_schema dev_reply_schema = RT_SCHEMA("dev_reply", dev_reply_fields);
+
+static const rt_field dev_mqtt_fields[] = {
+    RT_FIELD(dev_mqtt, kind, RT_F_U64),
+    RT_FIELD(dev_mqtt, payload, RT_F_BIN),
+};
+const rt_schema dev_mqtt_schema = RT_SCHEMA("dev_mqtt", dev_mqtt_fields);
+
+static const rt_field dev_link_fields[] = {
+    RT_FIELD(dev_link, up, RT_F_BOOL),
+};
+const rt_schema dev_link_schema = RT_SCHEMA("dev_link", dev_link_fields);
+
+void proto_reply(const rt_envelope *req, uint16_t type, const rt_schema *s, const void *obj)
+{
+    if (!req->reply)
+        return;
+    rt_envelope *env = s ? rt_codec_envelope(type, PROTO_V1, s, obj) : rt_envelope_new(type, PROTO_V1, NULL, 0);
+    if (!env) {
+        LOG_ERROR("out of memory building a reply");
+        return;
+    }
+    env->corr = req->corr;
+    /* A reply mailbox belongs to one waiting HTTP thread with one request
+     * outstanding, so its ring has room; a failure here is a bug worth a log. */
+    if (rt_mailbox_push(req->reply, env) != 0) {
+        LOG_ERROR("reply mailbox full; dropping reply %u", (unsigned)type);
+        rt_envelope_free(env);
+    }
+}
+
+void proto_reply_problem(const rt_envelope *req, int status, const char *code, const char *fmt, ...)
+{
+    char detail[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(detail, sizeof(detail), fmt, ap);
+    va_end(ap);
+    problem p = {(uint64_t)status, (char *)code, detail};
+    proto_reply(req, REPLY_PROBLEM, &problem_schema, &p);
+}

@@ -1,0 +1,101 @@
+/* proto.h: the message types actors exchange, and their payload schemas.
+ *
+ * Every envelope's type id is one of these; each actor's dispatch switches on
+ * it. Payloads are msgpack arrays described by rt_schema tables (decoding
+ * checks every field's type). Replies to an HTTP thread carry the request's
+ * correlation id. */
+#ifndef TT_ACTORS_PROTO_H
+#define TT_ACTORS_PROTO_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include "runtime/actor.h"
+#include "runtime/codec.h"
+#include "store/store.h"
+
+enum {
+    /* replies to an HTTP thread */
+    REPLY_MESSAGE = 1,      /* msg_rec */
+    REPLY_DEVICE = 2,       /* dev_reply */
+    REPLY_PROBLEM = 3,      /* problem */
+    REPLY_OK = 4,           /* no payload */
+
+    /* persist */
+    PERSIST_WRITE = 100,    /* ops + posts, see persist.h */
+    PERSIST_RETRY = 101,    /* timer: retry deferred posts */
+
+    /* router */
+    ROUTER_SUBMIT = 200,    /* submit */
+    ROUTER_DEVICE_CREATE = 201, /* device_create */
+
+    /* device */
+    DEV_MESSAGE = 300,      /* msg_rec: a new message committed for this device */
+    DEV_MQTT = 301,         /* dev_mqtt: a packet from the device */
+    DEV_LINK = 302,         /* dev_link: the link went up or down */
+    DEV_TICK = 303,         /* timer */
+    DEV_PERSISTED = 304,    /* its last write is on disk */
+    DEV_PERSIST_FAILED = 305,
+    DEV_START = 306,        /* load backlog, subscribe */
+    DEV_RESCAN = 307,       /* there is more in its store queue than it holds */
+};
+
+#define PROTO_V1 1
+
+typedef struct problem {
+    uint64_t status;
+    char *code;
+    char *detail;
+} problem;
+extern const rt_schema problem_schema;
+
+typedef struct submit {
+    uint64_t account_id;
+    uint64_t device_id;   /* 0: route automatically */
+    bool direct;          /* POST /devices/{id}/messages */
+    bool force;
+    char *to;
+    char *text;
+    uint64_t priority;
+    int64_t ttl_s;
+    uint64_t encoding;
+    uint64_t segments;
+} submit;
+extern const rt_schema submit_schema;
+
+typedef struct device_create {
+    uint64_t account_id;
+    char *name;
+    uint64_t rate_per_minute;
+} device_create;
+extern const rt_schema device_create_schema;
+
+/* A device record plus, once only, its plaintext MQTT password. */
+typedef struct dev_reply {
+    uint64_t id;
+    uint64_t account_id;
+    char *name;
+    uint64_t rate_per_minute;
+    int64_t created_at;
+    char *password;       /* NULL except on create / rotation */
+} dev_reply;
+extern const rt_schema dev_reply_schema;
+
+enum { MQ_STATUS = 0, MQ_REPORT = 1, MQ_INBOUND = 2 };
+typedef struct dev_mqtt {
+    uint64_t kind;
+    rt_bin payload;
+} dev_mqtt;
+extern const rt_schema dev_mqtt_schema;
+
+typedef struct dev_link {
+    bool up;
+} dev_link;
+extern const rt_schema dev_link_schema;
+
+/* Sends a problem reply to env's reply mailbox (if any) and frees nothing. */
+void proto_reply_problem(const rt_envelope *req, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* Sends a reply {type, schema-encoded obj} to req's reply mailbox. */
+void proto_reply(const rt_envelope *req, uint16_t type, const rt_schema *s, const void *obj);
+
+#endif
