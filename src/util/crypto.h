@@ -20,7 +20,7 @@ void tt_token_new(char buf[TT_TOKEN_LEN + 1]);
 uint32_t tt_random_uniform(uint32_t upper);
 /* Keyed hash (BLAKE2b-256) of data under key; key may be NULL (unkeyed). */
 void tt_hash(const uint8_t key[TT_KEY_BYTES], const void *data, size_t len, uint8_t out[TT_HASH_BYTES]);
-/* Constant-time equality of n bytes. */
+/* Constant-time equality of n bytes: 1 when equal, else 0. */
 int tt_equal_ct(const void *a, const void *b, size_t n);
 /* Seals plaintext with a fresh nonce (secretbox): *out is malloc'd
  * nonce||ciphertext, *outlen its length. 0 or -ENOMEM. */

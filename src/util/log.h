@@ -7,6 +7,9 @@
 
 enum { TT_LOG_DEBUG = 0, TT_LOG_INFO = 1, TT_LOG_WARN = 2, TT_LOG_ERROR = 3 };
 
+/* A sink gets the formatted message only (no time or level prefix; the level
+ * is its own argument), with CR and LF replaced by spaces and at most about
+ * 1 KiB long. It may be called from any thread, concurrently. */
 typedef void (*tt_log_sink)(int level, const char *line, void *arg);
 
 extern int tt_log_level;
