@@ -19,6 +19,7 @@ enum {
     REPLY_DEVICE = 2,       /* dev_reply */
     REPLY_PROBLEM = 3,      /* problem */
     REPLY_OK = 4,           /* no payload */
+    REPLY_STORE_FAILED = 5, /* the write could not be made durable */
 
     /* persist */
     PERSIST_WRITE = 100,    /* ops + posts, see persist.h */

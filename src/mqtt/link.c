@@ -230,7 +230,7 @@ static void on_connect_ok(void *ctx, MQTTAsync_successData *r) { on_connected(ct
 static void connect_failed(link *k, int code, int reason, const char *msg)
 {
     if (k->mqtt_version == MQTTVERSION_5 &&
-        (reason == MQTTREASONCODE_UNSUPPORTED_PROTOCOL_VERSION || code == MQTTASYNC_BAD_MQTT_VERSION ||
+        (reason == MQTTREASONCODE_UNSUPPORTED_PROTOCOL_VERSION ||
          code == 1 /* 3.1.1 CONNACK: unacceptable protocol version */)) {
         LOG_WARN("mqtt: broker refuses MQTT 5 on link %d; using 3.1.1", k->index);
         k->mqtt_version = MQTTVERSION_3_1_1;

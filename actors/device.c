@@ -1,0 +1,748 @@
+/* device.c: the device actor (see device.h for what it owns). */
+#include "actors/device.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "actors/persist.h"
+#include "actors/proto.h"
+#include "server.h"
+#include "util/clock.h"
+#include "util/log.h"
+
+#define QCAP 256          /* messages held in memory beyond the window */
+#define QREFILL 64        /* refill from the store when fewer remain */
+#define MAX_TIMEOUTS 3
+#define RECENT 512
+
+typedef struct witem {
+    msg_rec *rec;
+    int64_t deadline;     /* report due by (only counts while online) */
+    int timeouts;
+    int resend;           /* waiting to be handed over again */
+} witem;
+
+typedef struct device {
+    tt_server *srv;
+    dev_handle *h;
+    msg_rec **q;          /* pending, sorted by (priority, id) */
+    size_t qn;
+    int overflow;         /* the store holds pending messages that q does not */
+    witem *win;
+    size_t wn, wcap;
+    int64_t *sends;       /* ring of recent hand-over times, for pacing */
+    size_t sends_cap, sends_n, sends_head;
+    int online;
+    preq *wr;             /* writes not yet sent to persist */
+    rt_envelope *wr_env;  /* built, but persist's mailbox was full */
+    int wr_inflight;
+    int64_t timer_due;
+    uint64_t recent[RECENT]; /* recently finished ids: late notifications are ignored */
+    size_t recent_i;
+} device;
+
+static void msg_free(msg_rec *r)
+{
+    if (!r)
+        return;
+    rt_codec_free(&msg_schema, r);
+    free(r);
+}
+
+/* ---- writes ----------------------------------------------------------------- */
+
+static preq *wr(device *d)
+{
+    if (!d->wr)
+        d->wr = preq_new();
+    return d->wr;
+}
+
+/* Queues the message's new state for the store; dequeue also removes it from
+ * the device's store queue (it is no longer pending). */
+static void write_msg(device *d, const msg_rec *r, int dequeue)
+{
+    char *val;
+    size_t vlen;
+    preq *q = wr(d);
+    if (!q || store_encode(&msg_schema, r, &val, &vlen) != 0) {
+        LOG_ERROR("device %" PRIu64 ": out of memory recording message %" PRIu64, d->h->id, r->id);
+        return;
+    }
+    uint8_t k[KEY_MAX];
+    preq_put(q, k, key_u64(k, K_MESSAGE, r->id), val, vlen);
+    free(val);
+    if (dequeue)
+        preq_del(q, k, key_queue(k, d->h->id, r->priority, r->id));
+}
+
+static void arm(device *d, int64_t due);
+
+/* Sends the accumulated writes when none is outstanding. */
+static void flush_writes(device *d)
+{
+    if (d->wr_inflight)
+        return;
+    if (!d->wr_env && d->wr && preq_nops(d->wr) > 0) {
+        preq_post(d->wr, rt_actor_mailbox(d->h->actor), 0, DEV_PERSISTED, DEV_PERSIST_FAILED, NULL, 0);
+        d->wr_env = preq_finish(d->wr);
+        d->wr = NULL;
+    }
+    if (!d->wr_env)
+        return;
+    if (rt_send(d->srv->persist, d->wr_env) == 0) {
+        d->wr_env = NULL;
+        d->wr_inflight = 1;
+    } else {
+        arm(d, tt_now_ms() + 10);
+    }
+}
+
+/* ---- queue ------------------------------------------------------------------ */
+
+static int key_less(const msg_rec *a, const msg_rec *b)
+{
+    return a->priority < b->priority || (a->priority == b->priority && a->id < b->id);
+}
+
+static int known(device *d, uint64_t id)
+{
+    for (size_t i = 0; i < d->wn; i++)
+        if (d->win[i].rec->id == id)
+            return 1;
+    for (size_t i = 0; i < d->qn; i++)
+        if (d->q[i]->id == id)
+            return 1;
+    for (size_t i = 0; i < RECENT; i++)
+        if (d->recent[i] == id)
+            return 1;
+    return 0;
+}
+
+/* Inserts r in order; when full, the largest key goes back to the store only. */
+static void q_insert(device *d, msg_rec *r)
+{
+    if (d->qn == QCAP) {
+        if (!key_less(r, d->q[QCAP - 1])) {
+            d->overflow = 1;
+            msg_free(r);
+            return;
+        }
+        msg_free(d->q[--d->qn]);
+        d->overflow = 1;
+    }
+    size_t i = d->qn;
+    while (i > 0 && key_less(r, d->q[i - 1])) {
+        d->q[i] = d->q[i - 1];
+        i--;
+    }
+    d->q[i] = r;
+    d->qn++;
+}
+
+static msg_rec *q_pop(device *d)
+{
+    if (!d->qn)
+        return NULL;
+    msg_rec *r = d->q[0];
+    memmove(d->q, d->q + 1, (d->qn - 1) * sizeof(*d->q));
+    d->qn--;
+    return r;
+}
+
+static int q_remove(device *d, uint64_t id)
+{
+    for (size_t i = 0; i < d->qn; i++)
+        if (d->q[i]->id == id) {
+            msg_free(d->q[i]);
+            memmove(d->q + i, d->q + i + 1, (d->qn - i - 1) * sizeof(*d->q));
+            d->qn--;
+            return 1;
+        }
+    return 0;
+}
+
+typedef struct refill_ctx {
+    device *d;
+    size_t seen;
+} refill_ctx;
+
+static int refill_one(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+{
+    refill_ctx *c = arg;
+    device *d = c->d;
+    c->seen++;
+    if (klen != 18)
+        return 0;
+    uint64_t id = key_get_u64(key + 10);
+    if (known(d, id))
+        return 0;
+    msg_rec *r = calloc(1, sizeof(*r));
+    uint8_t k[KEY_MAX];
+    if (!r || store_get(d->srv->store, k, key_u64(k, K_MESSAGE, id), &msg_schema, r) != 0) {
+        free(r);
+        return 0;
+    }
+    if (r->status != ST_PENDING || r->device_id != d->h->id) {
+        msg_free(r);
+        return 0;
+    }
+    q_insert(d, r);
+    return d->qn >= QCAP;
+}
+
+/* Loads pending messages from the store queue into memory. */
+static void refill(device *d)
+{
+    if (!d->overflow || d->qn >= QREFILL)
+        return;
+    uint8_t prefix[KEY_MAX];
+    key_u64(prefix, K_QUEUE, d->h->id);
+    refill_ctx c = {d, 0};
+    d->overflow = 0;
+    size_t limit = QCAP + d->wn + d->qn + 1;
+    int n = store_scan(d->srv->store, prefix, 9, NULL, 0, limit, refill_one, &c);
+    if (n < 0 || d->qn >= QCAP || (size_t)n >= limit)
+        d->overflow = 1;
+}
+
+/* ---- finishing ---------------------------------------------------------------- */
+
+static void remember(device *d, uint64_t id)
+{
+    d->recent[d->recent_i] = id;
+    d->recent_i = (d->recent_i + 1) % RECENT;
+}
+
+/* The message leaves pending: records it and updates the counters. */
+static void leave_pending(device *d, msg_rec *r)
+{
+    write_msg(d, r, 1);
+    remember(d, r->id);
+    atomic_fetch_sub_explicit(&d->h->queued, 1, memory_order_relaxed);
+}
+
+static void fail_msg(device *d, msg_rec *r, const char *error, int64_t now)
+{
+    r->status = ST_FAILED;
+    r->failed_at = now;
+    free(r->error);
+    r->error = strdup(error);
+    leave_pending(d, r);
+    LOG_INFO("message %" PRIu64 " failed on device %" PRIu64 ": %s", r->id, d->h->id, error);
+}
+
+static void win_remove(device *d, size_t i)
+{
+    d->win[i] = d->win[--d->wn];
+    atomic_store_explicit(&d->h->inflight, (int64_t)d->wn, memory_order_relaxed);
+}
+
+/* ---- dispatch ----------------------------------------------------------------- */
+
+static int64_t rate_wait(device *d, int64_t now)
+{
+    uint32_t rate = atomic_load_explicit(&d->h->rate_per_minute, memory_order_relaxed);
+    if (rate == 0)
+        rate = 1;
+    if (rate != d->sends_cap) {
+        /* The rate changed: keep the most recent hand-overs that still fit. */
+        int64_t *v = calloc(rate, sizeof(*v));
+        if (!v)
+            return now + 1000;
+        size_t keep = d->sends_n < rate ? d->sends_n : rate;
+        for (size_t i = 0; i < keep; i++) {
+            size_t src = (d->sends_head + d->sends_cap - keep + i) % (d->sends_cap ? d->sends_cap : 1);
+            v[i] = d->sends[src];
+        }
+        free(d->sends);
+        d->sends = v;
+        d->sends_cap = rate;
+        d->sends_n = keep;
+        d->sends_head = keep % rate;
+    }
+    if (d->sends_n < d->sends_cap)
+        return 0;
+    /* Full ring: the oldest of the last `rate` hand-overs must be a minute old. */
+    int64_t oldest = d->sends[d->sends_head];
+    return oldest + 60000 > now ? oldest + 60000 : 0;
+}
+
+static void rate_note(device *d, int64_t now)
+{
+    d->sends[d->sends_head] = now;
+    d->sends_head = (d->sends_head + 1) % d->sends_cap;
+    if (d->sends_n < d->sends_cap)
+        d->sends_n++;
+}
+
+/* Publishes P/send for w. 0, or -ENOTCONN/-EAGAIN (try again later). */
+static int hand_over(device *d, witem *w, int64_t now)
+{
+    msg_rec *r = w->rec;
+    json_t *o = json_pack("{sIssss}", "id", (json_int_t)r->id, "to", r->to ? r->to : "", "message", r->text);
+    if (!o)
+        return -EAGAIN;
+    if (r->safe_word)
+        json_object_set_new(o, "safe_word", json_string(r->safe_word));
+    json_object_set_new(o, "attempt", json_integer((json_int_t)r->attempts + 1));
+    char *body = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    if (!body)
+        return -EAGAIN;
+    int rc = links_publish(d->srv->links, d->h->id, "send", body, strlen(body), 0);
+    free(body);
+    if (rc)
+        return rc;
+    r->attempts++;
+    r->dispatched_at = now;
+    w->deadline = now + (int64_t)d->srv->o.dispatch_timeout_s * 1000;
+    w->resend = 0;
+    rate_note(d, now);
+    write_msg(d, r, 0);
+    return 0;
+}
+
+static void pump(device *d)
+{
+    int64_t now = tt_now_ms();
+    size_t window = (size_t)d->srv->o.window;
+    if (d->online) {
+        /* Re-sends first: they are already in the window. */
+        for (size_t i = 0; i < d->wn; i++) {
+            if (!d->win[i].resend)
+                continue;
+            int64_t wait = rate_wait(d, now);
+            if (wait) {
+                arm(d, wait);
+                goto done;
+            }
+            if (hand_over(d, &d->win[i], now) != 0)
+                goto done;
+        }
+        while (d->wn < window) {
+            if (!d->qn) {
+                refill(d);
+                if (!d->qn)
+                    break;
+            }
+            msg_rec *head = d->q[0];
+            if (head->expires_at && head->expires_at <= now) {
+                q_pop(d);
+                fail_msg(d, head, "expired", now);
+                msg_free(head);
+                continue;
+            }
+            int64_t wait = rate_wait(d, now);
+            if (wait) {
+                arm(d, wait);
+                break;
+            }
+            if (d->wn == d->wcap) {
+                size_t cap = d->wcap ? d->wcap * 2 : 16;
+                witem *v = realloc(d->win, cap * sizeof(*v));
+                if (!v)
+                    break;
+                d->win = v;
+                d->wcap = cap;
+            }
+            witem *w = &d->win[d->wn];
+            *w = (witem){head, 0, 0, 1};
+            if (hand_over(d, w, now) != 0)
+                break;
+            q_pop(d);
+            d->wn++;
+            atomic_store_explicit(&d->h->inflight, (int64_t)d->wn, memory_order_relaxed);
+        }
+    }
+done:
+    refill(d);
+}
+
+/* ---- timers ------------------------------------------------------------------- */
+
+static void arm(device *d, int64_t due)
+{
+    if (d->timer_due && d->timer_due <= due)
+        return;
+    if (rt_timer_at(d->srv->sched, d->h->actor, due, DEV_TICK, 0) == 0)
+        d->timer_due = due;
+}
+
+static void rearm(device *d)
+{
+    int64_t due = 0;
+    if (d->online)
+        for (size_t i = 0; i < d->wn; i++)
+            if (!d->win[i].resend && (!due || d->win[i].deadline < due))
+                due = d->win[i].deadline;
+    for (size_t i = 0; i < d->qn; i++)
+        if (d->q[i]->expires_at && (!due || d->q[i]->expires_at < due))
+            due = d->q[i]->expires_at;
+    if (due)
+        arm(d, due);
+}
+
+static void on_tick(device *d)
+{
+    int64_t now = tt_now_ms();
+    d->timer_due = 0;
+    if (d->online) {
+        for (size_t i = 0; i < d->wn;) {
+            witem *w = &d->win[i];
+            if (w->resend || w->deadline > now) {
+                i++;
+                continue;
+            }
+            w->timeouts++;
+            if (w->timeouts >= MAX_TIMEOUTS) {
+                msg_rec *r = w->rec;
+                win_remove(d, i);
+                fail_msg(d, r, "device_timeout", now);
+                msg_free(r);
+                continue;
+            }
+            LOG_INFO("message %" PRIu64 ": no report from device %" PRIu64 " in time; sending again",
+                     w->rec->id, d->h->id);
+            w->resend = 1;
+            i++;
+        }
+    }
+    /* Expired messages that were never handed over. */
+    for (size_t i = 0; i < d->qn;) {
+        msg_rec *r = d->q[i];
+        if (r->expires_at && r->expires_at <= now) {
+            memmove(d->q + i, d->q + i + 1, (d->qn - i - 1) * sizeof(*d->q));
+            d->qn--;
+            fail_msg(d, r, "expired", now);
+            msg_free(r);
+            continue;
+        }
+        i++;
+    }
+    pump(d);
+}
+
+/* ---- packets from the device ---------------------------------------------- */
+
+static void set_online(device *d, int online, int64_t now)
+{
+    if (online == d->online)
+        return;
+    d->online = online;
+    atomic_store_explicit(&d->h->online, online, memory_order_relaxed);
+    LOG_INFO("device %" PRIu64 " is %s", d->h->id, online ? "online" : "offline");
+    if (online) {
+        /* Unreported hand-overs go again on reconnect (not a timeout). */
+        for (size_t i = 0; i < d->wn; i++)
+            d->win[i].resend = 1;
+        pump(d);
+    }
+}
+
+static void save_live(device *d, const char *info, int64_t now)
+{
+    devlive_rec lr = {1, now, (char *)info};
+    char *val;
+    size_t vlen;
+    preq *q = wr(d);
+    if (!q || store_encode(&devlive_schema, &lr, &val, &vlen) != 0)
+        return;
+    uint8_t k[KEY_MAX];
+    preq_put(q, k, key_u64(k, K_DEVLIVE, d->h->id), val, vlen);
+    free(val);
+}
+
+static void on_status(device *d, const char *payload, size_t len)
+{
+    int64_t now = tt_now_ms();
+    if (len == 0) { /* a cleared retained status */
+        set_online(d, 0, now);
+        return;
+    }
+    json_error_t e;
+    json_t *o = json_loadb(payload, len, 0, &e);
+    json_t *on = o ? json_object_get(o, "online") : NULL;
+    if (!o || !json_is_object(o) || !json_is_boolean(on)) {
+        LOG_WARN("device %" PRIu64 ": ignoring a status that is not {\"online\":true|false,...}", d->h->id);
+        atomic_fetch_add_explicit(&d->srv->metrics.device_bad_payload, 1, memory_order_relaxed);
+        json_decref(o);
+        return;
+    }
+    int online = json_is_true(on);
+    atomic_store_explicit(&d->h->last_seen_at, now, memory_order_relaxed);
+    if (online) {
+        char *info = json_dumps(o, JSON_COMPACT);
+        save_live(d, info, now);
+        free(info);
+    }
+    json_decref(o);
+    set_online(d, online, now);
+}
+
+static int parse_status(const char *s, uint64_t *st)
+{
+    if (!strcmp(s, "sent"))
+        *st = ST_SENT;
+    else if (!strcmp(s, "delivered"))
+        *st = ST_DELIVERED;
+    else if (!strcmp(s, "failed"))
+        *st = ST_FAILED;
+    else
+        return -EINVAL;
+    return 0;
+}
+
+/* Applies a report to r (any state); returns 1 when r changed. Status only
+ * moves forward: pending -> sent|delivered|failed, sent -> delivered|failed. */
+static int apply_report(msg_rec *r, uint64_t st, const char *error, int64_t now)
+{
+    if (msg_status_final(r->status) || r->status == st)
+        return 0;
+    if (r->status == ST_SENT && st == ST_SENT)
+        return 0;
+    r->status = st;
+    if (st == ST_SENT)
+        r->sent_at = now;
+    else if (st == ST_DELIVERED) {
+        r->delivered_at = now;
+        if (!r->sent_at)
+            r->sent_at = now;
+    } else {
+        r->failed_at = now;
+        free(r->error);
+        r->error = strdup(error && *error ? error : "failed");
+    }
+    return 1;
+}
+
+static void on_report(device *d, const char *payload, size_t len)
+{
+    int64_t now = tt_now_ms();
+    atomic_store_explicit(&d->h->last_seen_at, now, memory_order_relaxed);
+    json_error_t e;
+    json_t *o = json_loadb(payload, len, 0, &e);
+    json_t *jid = o ? json_object_get(o, "id") : NULL;
+    json_t *jst = o ? json_object_get(o, "status") : NULL;
+    json_t *jerr = o ? json_object_get(o, "error") : NULL;
+    uint64_t st;
+    if (!json_is_object(o) || !json_is_integer(jid) || json_integer_value(jid) <= 0 || !json_is_string(jst) ||
+        parse_status(json_string_value(jst), &st) != 0 || (jerr && !json_is_string(jerr) && !json_is_null(jerr))) {
+        LOG_WARN("device %" PRIu64 ": ignoring a malformed report", d->h->id);
+        atomic_fetch_add_explicit(&d->srv->metrics.device_bad_payload, 1, memory_order_relaxed);
+        json_decref(o);
+        return;
+    }
+    uint64_t id = (uint64_t)json_integer_value(jid);
+    const char *error = json_is_string(jerr) ? json_string_value(jerr) : NULL;
+
+    for (size_t i = 0; i < d->wn; i++) {
+        msg_rec *r = d->win[i].rec;
+        if (r->id != id)
+            continue;
+        apply_report(r, st, error, now);
+        win_remove(d, i);
+        leave_pending(d, r);
+        msg_free(r);
+        json_decref(o);
+        pump(d);
+        return;
+    }
+    /* Not in the window: a report for a message in the queue (handed over
+     * before a restart), a later report for a sent message, or a stray. */
+    msg_rec r = {0};
+    uint8_t k[KEY_MAX];
+    int rc = store_get(d->srv->store, k, key_u64(k, K_MESSAGE, id), &msg_schema, &r);
+    if (rc != 0 || r.device_id != d->h->id || r.direction != DIR_OUTBOUND) {
+        LOG_WARN("device %" PRIu64 ": report for message %" PRIu64 " which it does not own; ignored", d->h->id, id);
+        atomic_fetch_add_explicit(&d->srv->metrics.reports_unknown, 1, memory_order_relaxed);
+    } else if (msg_status_final(r.status)) {
+        LOG_INFO("device %" PRIu64 ": late %s report for message %" PRIu64 " which is already %s; ignored",
+                 d->h->id, json_string_value(jst), id, msg_status_name(r.status));
+        atomic_fetch_add_explicit(&d->srv->metrics.reports_late, 1, memory_order_relaxed);
+    } else if (r.status == ST_PENDING) {
+        q_remove(d, id);
+        if (apply_report(&r, st, error, now))
+            leave_pending(d, &r);
+    } else if (apply_report(&r, st, error, now)) {
+        write_msg(d, &r, 0);
+    }
+    rt_codec_free(&msg_schema, &r);
+    json_decref(o);
+    pump(d);
+}
+
+/* ---- dispatch -------------------------------------------------------------------- */
+
+static void device_dispatch(rt_actor *self, void *state, rt_envelope *env)
+{
+    device *d = state;
+    switch (env->type) {
+    case DEV_START: {
+        links_bind(d->srv->links, d->h->id);
+        d->overflow = 1;
+        refill(d);
+        rearm(d);
+        break;
+    }
+    case DEV_MESSAGE: {
+        msg_rec *r = calloc(1, sizeof(*r));
+        if (!r || rt_codec_decode_env(&msg_schema, PROTO_V1, env, r) != 0) {
+            free(r);
+            LOG_ERROR("device %" PRIu64 ": malformed message notification", d->h->id);
+            break;
+        }
+        if (atomic_load_explicit(&d->h->deleted, memory_order_relaxed) || known(d, r->id) ||
+            r->status != ST_PENDING) {
+            msg_free(r);
+            break;
+        }
+        if (d->overflow && d->qn == QCAP && !key_less(r, d->q[QCAP - 1])) {
+            msg_free(r); /* the store has it; a refill will bring it */
+            break;
+        }
+        q_insert(d, r);
+        pump(d);
+        if (r->expires_at)
+            arm(d, r->expires_at);
+        break;
+    }
+    case DEV_MQTT: {
+        dev_mqtt m = {0};
+        if (rt_codec_decode_env(&dev_mqtt_schema, PROTO_V1, env, &m) != 0)
+            break;
+        if (m.kind == MQ_STATUS)
+            on_status(d, m.payload.ptr, m.payload.len);
+        else if (m.kind == MQ_REPORT)
+            on_report(d, m.payload.ptr, m.payload.len);
+        else
+            LOG_DEBUG("device %" PRIu64 ": inbound SMS ignored", d->h->id);
+        rt_codec_free(&dev_mqtt_schema, &m);
+        break;
+    }
+    case DEV_LINK: {
+        dev_link l = {0};
+        if (rt_codec_decode_env(&dev_link_schema, PROTO_V1, env, &l) == 0 && !l.up)
+            set_online(d, 0, tt_now_ms());
+        break;
+    }
+    case DEV_TICK:
+        on_tick(d);
+        break;
+    case DEV_PERSISTED:
+        d->wr_inflight = 0;
+        break;
+    case DEV_PERSIST_FAILED:
+        /* The store is failing (the server reports it in /healthz); the
+         * state stays in memory and later writes carry it again. */
+        d->wr_inflight = 0;
+        LOG_ERROR("device %" PRIu64 ": a state write failed", d->h->id);
+        break;
+    default:
+        LOG_WARN("device %" PRIu64 ": unknown message type %u", d->h->id, (unsigned)env->type);
+    }
+    rt_envelope_free(env);
+}
+
+static void device_batch_end(rt_actor *self, void *state)
+{
+    device *d = state;
+    flush_writes(d);
+    rearm(d);
+}
+
+static void device_stopped(rt_actor *self, void *state)
+{
+    device *d = state;
+    for (size_t i = 0; i < d->qn; i++)
+        msg_free(d->q[i]);
+    for (size_t i = 0; i < d->wn; i++)
+        msg_free(d->win[i].rec);
+    free(d->q);
+    free(d->win);
+    free(d->sends);
+    preq_free(d->wr);
+    if (d->wr_env)
+        rt_envelope_free(d->wr_env);
+    free(d->h);
+    free(d);
+}
+
+static const rt_actor_ops device_ops = {device_dispatch, device_batch_end, device_stopped};
+
+dev_handle *device_spawn(tt_server *srv, uint64_t id, uint64_t account_id, uint32_t rate, int64_t queued,
+                         int64_t last_seen_at)
+{
+    device *d = calloc(1, sizeof(*d));
+    dev_handle *h = calloc(1, sizeof(*h));
+    if (d)
+        d->q = calloc(QCAP, sizeof(*d->q));
+    if (!d || !h || !d->q)
+        goto fail;
+    h->id = id;
+    h->account_id = account_id;
+    atomic_init(&h->queued, queued);
+    atomic_init(&h->last_seen_at, last_seen_at);
+    atomic_init(&h->rate_per_minute, rate);
+    d->srv = srv;
+    d->h = h;
+    h->actor = rt_actor_new(srv->sched, "device", 256, &device_ops, d);
+    if (!h->actor)
+        goto fail;
+    if (devreg_put(&srv->reg, id, h) != 0)
+        goto fail; /* the actor is owned by the scheduler and freed with it */
+    rt_envelope *env = rt_envelope_new(DEV_START, PROTO_V1, NULL, 0);
+    if (!env || rt_send(h->actor, env) != 0) {
+        if (env)
+            rt_envelope_free(env);
+        LOG_ERROR("device %" PRIu64 ": could not start", id);
+    }
+    return h;
+fail:
+    if (d)
+        free(d->q);
+    free(d);
+    free(h);
+    return NULL;
+}
+
+int device_offer_packet(tt_server *srv, uint64_t device_id, int kind, const void *payload, size_t len)
+{
+    dev_handle *h = devreg_get(&srv->reg, device_id);
+    if (!h || atomic_load_explicit(&h->deleted, memory_order_relaxed))
+        return 1; /* not ours (any more): drop */
+    dev_mqtt m = {(uint64_t)kind, {(void *)payload, len}};
+    rt_envelope *env = rt_codec_envelope(DEV_MQTT, PROTO_V1, &dev_mqtt_schema, &m);
+    if (!env)
+        return 0;
+    if (rt_send(h->actor, env) != 0) {
+        rt_envelope_free(env);
+        return 0;
+    }
+    return 1;
+}
+
+void device_link_changed(tt_server *srv, uint64_t device_id, int up)
+{
+    dev_handle *h = devreg_get(&srv->reg, device_id);
+    if (!h)
+        return;
+    dev_link l = {up != 0};
+    rt_envelope *env = rt_codec_envelope(DEV_LINK, PROTO_V1, &dev_link_schema, &l);
+    /* A lost "link down" would leave the device looking online while its link
+     * is gone; retry briefly, the mailbox drains fast. */
+    for (int i = 0; env && i < 1000; i++) {
+        if (rt_send(h->actor, env) == 0)
+            return;
+        struct timespec ts = {0, 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    if (env) {
+        rt_envelope_free(env);
+        LOG_ERROR("device %" PRIu64 ": could not deliver a link change", device_id);
+    }
+}

@@ -1,0 +1,643 @@
+/* handlers.c: the REST routes of API.md, over the HTTP edge framework.
+ *
+ * A handler validates its input, then either reads the store directly (GETs)
+ * or sends an envelope to an actor and waits for the answer on the worker
+ * thread's own reply mailbox. A full mailbox is a 503, never a wait. */
+#include "http/handlers.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "actors/device.h"
+#include "actors/proto.h"
+#include "server.h"
+#include "util/clock.h"
+#include "util/crypto.h"
+#include "util/log.h"
+#include "util/phone.h"
+#include "util/sms.h"
+
+#define BODY_MAX (64 * 1024)
+#define TEXT_MAX_CP 1600
+
+/* ---- talking to actors ------------------------------------------------------ */
+
+static pthread_key_t waiter_key;
+static pthread_once_t waiter_once = PTHREAD_ONCE_INIT;
+static __thread uint64_t corr_seq;
+
+static void waiter_destroy(void *w) { rt_waiter_free(w); }
+static void waiter_key_init(void) { pthread_key_create(&waiter_key, waiter_destroy); }
+
+static rt_waiter *thread_waiter(void)
+{
+    pthread_once(&waiter_once, waiter_key_init);
+    rt_waiter *w = pthread_getspecific(waiter_key);
+    if (!w) {
+        w = rt_waiter_new();
+        if (w)
+            pthread_setspecific(waiter_key, w);
+    }
+    return w;
+}
+
+/* Sends env to actor and waits for the reply. On NULL the response (503) was
+ * already sent. */
+static rt_envelope *call(http_req *r, rt_actor *actor, rt_envelope *env)
+{
+    rt_waiter *w = thread_waiter();
+    if (!w || !env) {
+        if (env)
+            rt_envelope_free(env);
+        http_reply_problem_ex(r, 503, "overloaded", "out of memory", NULL, "Retry-After: 1\r\n");
+        return NULL;
+    }
+    env->reply = rt_waiter_mailbox(w);
+    env->corr = ++corr_seq;
+    uint64_t corr = env->corr;
+    if (rt_send(actor, env) != 0) {
+        rt_envelope_free(env);
+        http_reply_problem_ex(r, 503, "overloaded", "the server is busy; retry shortly", NULL, "Retry-After: 1\r\n");
+        return NULL;
+    }
+    /* The actors always answer (API.md 1); the wait has no limit. */
+    return rt_waiter_wait(w, corr, -1);
+}
+
+/* Sends a REPLY_PROBLEM / REPLY_STORE_FAILED reply as the response. Returns 1
+ * when env was such a reply (and frees it). */
+static int reply_if_problem(http_req *r, rt_envelope *env)
+{
+    if (env->type == REPLY_STORE_FAILED) {
+        rt_envelope_free(env);
+        http_reply_problem_ex(r, 503, "store_unavailable", "the write could not be stored; nothing was kept",
+                              NULL, "Retry-After: 1\r\n");
+        return 1;
+    }
+    if (env->type != REPLY_PROBLEM)
+        return 0;
+    problem p = {0};
+    if (rt_codec_decode_env(&problem_schema, PROTO_V1, env, &p) != 0) {
+        http_reply_problem(r, 500, "internal_error", "malformed reply");
+    } else if (p.status == 503) {
+        http_reply_problem_ex(r, 503, p.code, p.detail, NULL, "Retry-After: 1\r\n");
+    } else {
+        http_reply_problem_ex(r, (int)p.status, p.code, p.detail, NULL, NULL);
+    }
+    rt_codec_free(&problem_schema, &p);
+    rt_envelope_free(env);
+    return 1;
+}
+
+/* ---- JSON views ------------------------------------------------------------------ */
+
+static json_t *jtime(int64_t ms)
+{
+    char buf[25];
+    return ms ? json_string(tt_time_format(ms, buf)) : json_null();
+}
+
+static json_t *jstr_or_null(const char *s) { return s ? json_string(s) : json_null(); }
+
+json_t *view_message(const msg_rec *m)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "id", json_integer((json_int_t)m->id));
+    json_object_set_new(o, "direction", json_string(m->direction == DIR_INBOUND ? "inbound" : "outbound"));
+    json_object_set_new(o, "status", json_string(msg_status_name(m->status)));
+    json_object_set_new(o, "to", jstr_or_null(m->to));
+    json_object_set_new(o, "from", jstr_or_null(m->from));
+    json_object_set_new(o, "message", json_string(m->text));
+    json_object_set_new(o, "device_id", json_integer((json_int_t)m->device_id));
+    if (m->direction == DIR_OUTBOUND) {
+        json_object_set_new(o, "routing", jstr_or_null(msg_routing_name(m->routing)));
+        json_object_set_new(o, "forced", json_boolean(m->forced));
+        json_object_set_new(o, "priority", json_string(m->priority == PRIO_HIGH ? "high" : "normal"));
+    }
+    json_object_set_new(o, "encoding", json_string(tt_encoding_name((tt_encoding)m->encoding)));
+    json_object_set_new(o, "segments", json_integer((json_int_t)m->segments));
+    if (m->direction == DIR_OUTBOUND) {
+        json_object_set_new(o, "attempts", json_integer((json_int_t)m->attempts));
+        json_object_set_new(o, "created_at", jtime(m->created_at));
+        json_object_set_new(o, "dispatched_at", jtime(m->dispatched_at));
+        json_object_set_new(o, "sent_at", jtime(m->sent_at));
+        json_object_set_new(o, "delivered_at", jtime(m->delivered_at));
+        json_object_set_new(o, "failed_at", jtime(m->failed_at));
+        json_object_set_new(o, "expires_at", jtime(m->expires_at));
+        json_object_set_new(o, "error", jstr_or_null(m->error));
+    } else {
+        json_object_set_new(o, "created_at", jtime(m->created_at));
+        json_object_set_new(o, "received_at", jtime(m->received_at));
+        json_object_set_new(o, "safe_word_verified", json_boolean(m->safe_word_verified == 1));
+    }
+    return o;
+}
+
+static json_t *view_device(tt_server *srv, uint64_t id, const char *name, uint64_t rate, int64_t created_at)
+{
+    dev_handle *h = devreg_get(&srv->reg, id);
+    int online = h ? atomic_load_explicit(&h->online, memory_order_relaxed) : 0;
+    int64_t queued = h ? atomic_load_explicit(&h->queued, memory_order_relaxed) : 0;
+    int64_t inflight = h ? atomic_load_explicit(&h->inflight, memory_order_relaxed) : 0;
+    int64_t seen = h ? atomic_load_explicit(&h->last_seen_at, memory_order_relaxed) : 0;
+    json_t *info = NULL;
+    devlive_rec lr = {0};
+    uint8_t k[KEY_MAX];
+    if (store_get(srv->store, k, key_u64(k, K_DEVLIVE, id), &devlive_schema, &lr) == 0) {
+        if (!seen)
+            seen = lr.last_seen_at;
+        if (lr.info)
+            info = json_loads(lr.info, 0, NULL);
+        rt_codec_free(&devlive_schema, &lr);
+    }
+    if (!info)
+        info = json_object();
+    /* pending: accepted and not yet handed over; in_flight: handed over and
+     * not yet reported. `queued` counts both. */
+    int64_t pending = queued - inflight;
+    json_t *o = json_object();
+    json_object_set_new(o, "id", json_integer((json_int_t)id));
+    json_object_set_new(o, "name", json_string(name));
+    json_object_set_new(o, "online", json_boolean(online));
+    json_object_set_new(o, "last_seen_at", jtime(seen));
+    json_object_set_new(o, "created_at", jtime(created_at));
+    json_object_set_new(o, "queue", json_pack("{sIsI}", "pending", (json_int_t)(pending > 0 ? pending : 0),
+                                              "in_flight", (json_int_t)inflight));
+    json_object_set_new(o, "pins", json_integer(0));
+    json_object_set_new(o, "rate_per_minute", json_integer((json_int_t)rate));
+    json_object_set_new(o, "info", info);
+    return o;
+}
+
+static json_t *view_mqtt(tt_server *srv, uint64_t id, const char *password)
+{
+    char cid[32], prefix[256];
+    snprintf(cid, sizeof(cid), "device-%" PRIu64, id);
+    snprintf(prefix, sizeof(prefix), "%s/devices/%" PRIu64, srv->o.topic_root, id);
+    return json_pack("{ssssssssss}", "url", srv->o.device_mqtt_url ? srv->o.device_mqtt_url : srv->o.mqtt_url,
+                     "client_id", cid, "username", cid, "password", password, "topic_prefix", prefix);
+}
+
+/* ---- validation helpers ------------------------------------------------------------ */
+
+static void field_error(json_t *errs, const char *field, const char *msg)
+{
+    json_array_append_new(errs, json_pack("{ssss}", "field", field, "message", msg));
+}
+
+/* Parses a positive integer id path parameter; 0 when it is not one. */
+static uint64_t parse_id(const char *s)
+{
+    if (!s || !*s || strlen(s) > 16)
+        return 0;
+    uint64_t v = 0;
+    for (const char *p = s; *p; p++) {
+        if (*p < '0' || *p > '9')
+            return 0;
+        v = v * 10 + (uint64_t)(*p - '0');
+    }
+    return v < (1ULL << 53) ? v : 0;
+}
+
+/* ---- messages ------------------------------------------------------------------------ */
+
+static void send_message(http_req *r, uint64_t path_device)
+{
+    tt_server *srv = r->app;
+    json_t *b = r->body, *errs = json_array();
+    submit s = {0};
+    char to[TT_PHONE_MAX];
+    s.account_id = r->account_id;
+    s.priority = PRIO_NORMAL;
+    s.ttl_s = 86400;
+
+    json_t *jto = json_object_get(b, "to");
+    if (!json_is_string(jto))
+        field_error(errs, "to", jto ? "must be a string" : "is required");
+    else if (tt_phone_normalize(json_string_value(jto), to) != 0)
+        field_error(errs, "to", "must be a phone number");
+
+    json_t *jm = json_object_get(b, "message");
+    tt_sms_info info = {0};
+    if (!json_is_string(jm))
+        field_error(errs, "message", jm ? "must be a string" : "is required");
+    else if (tt_sms_analyze(json_string_value(jm), json_string_length(jm), &info) != 0)
+        field_error(errs, "message", "must be valid UTF-8 text");
+    else if (info.codepoints < 1 || info.codepoints > TEXT_MAX_CP)
+        field_error(errs, "message", "must be 1 to 1600 characters");
+
+    if (!path_device) {
+        json_t *jd = json_object_get(b, "device_id");
+        if (jd && !json_is_null(jd)) {
+            if (!json_is_integer(jd) || json_integer_value(jd) < 1)
+                field_error(errs, "device_id", "must be a positive integer");
+            else
+                s.device_id = (uint64_t)json_integer_value(jd);
+        }
+    }
+    json_t *jf = json_object_get(b, "force");
+    if (jf && !json_is_null(jf)) {
+        if (!json_is_boolean(jf))
+            field_error(errs, "force", "must be true or false");
+        else
+            s.force = json_is_true(jf);
+    }
+    json_t *jp = json_object_get(b, "priority");
+    if (jp && !json_is_null(jp)) {
+        const char *p = json_is_string(jp) ? json_string_value(jp) : NULL;
+        if (p && !strcmp(p, "high"))
+            s.priority = PRIO_HIGH;
+        else if (!p || strcmp(p, "normal") != 0)
+            field_error(errs, "priority", "must be \"normal\" or \"high\"");
+    }
+    json_t *jt = json_object_get(b, "ttl");
+    if (jt && !json_is_null(jt)) {
+        if (!json_is_integer(jt) || json_integer_value(jt) < 10 || json_integer_value(jt) > 604800)
+            field_error(errs, "ttl", "must be an integer from 10 to 604800 (seconds)");
+        else
+            s.ttl_s = json_integer_value(jt);
+    }
+    if (json_array_size(errs)) {
+        http_reply_validation(r, errs);
+        return;
+    }
+    json_decref(errs);
+    if (path_device) {
+        s.device_id = path_device;
+        s.direct = true;
+    }
+    s.to = to;
+    s.text = (char *)json_string_value(jm);
+    s.encoding = info.encoding;
+    s.segments = info.segments;
+    rt_envelope *rep = call(r, srv->router, rt_codec_envelope(ROUTER_SUBMIT, PROTO_V1, &submit_schema, &s));
+    if (!rep || reply_if_problem(r, rep))
+        return;
+    msg_rec m = {0};
+    if (rep->type != REPLY_MESSAGE || rt_codec_decode_env(&msg_schema, PROTO_V1, rep, &m) != 0) {
+        rt_envelope_free(rep);
+        http_reply_problem(r, 500, "internal_error", "unexpected reply");
+        return;
+    }
+    rt_envelope_free(rep);
+    char loc[96];
+    snprintf(loc, sizeof(loc), "Location: /api/v1/messages/%" PRIu64 "\r\n", m.id);
+    http_reply_json(r, 202, view_message(&m), loc);
+    rt_codec_free(&msg_schema, &m);
+}
+
+static void h_post_messages(http_req *r) { send_message(r, 0); }
+
+static void h_post_device_messages(http_req *r)
+{
+    uint64_t id = parse_id(r->params[0]);
+    if (!id) {
+        http_reply_problem(r, 404, "not_found", "device not found");
+        return;
+    }
+    send_message(r, id);
+}
+
+/* Loads a message of the request's account; 404 response otherwise. */
+static int load_message(http_req *r, uint64_t id, msg_rec *m)
+{
+    tt_server *srv = r->app;
+    uint8_t k[KEY_MAX];
+    int rc = id ? store_get(srv->store, k, key_u64(k, K_MESSAGE, id), &msg_schema, m) : -ENOENT;
+    if (rc == 0 && m->account_id == r->account_id)
+        return 0;
+    if (rc == 0)
+        rt_codec_free(&msg_schema, m);
+    if (rc == -EIO)
+        http_reply_problem(r, 503, "store_unavailable", "the store could not be read");
+    else
+        http_reply_problem(r, 404, "not_found", "message %s not found", r->params[0]);
+    return -1;
+}
+
+static void h_get_message(http_req *r)
+{
+    msg_rec m = {0};
+    if (load_message(r, parse_id(r->params[0]), &m) != 0)
+        return;
+    http_reply_json(r, 200, view_message(&m), NULL);
+    rt_codec_free(&msg_schema, &m);
+}
+
+/* Cursors are the last id returned, so paging while messages arrive neither
+ * skips nor repeats (new ids sort before the cursor, newest first). */
+static int parse_limit(http_req *r, int *limit, uint64_t *after, json_t *errs)
+{
+    char buf[64];
+    *limit = 50;
+    *after = 0;
+    if (http_query(r, "limit", buf, sizeof(buf))) {
+        char *end;
+        long v = strtol(buf, &end, 10);
+        if (!*buf || *end || v < 1 || v > 500)
+            field_error(errs, "limit", "must be an integer from 1 to 500");
+        else
+            *limit = (int)v;
+    }
+    if (http_query(r, "cursor", buf, sizeof(buf))) {
+        *after = parse_id(buf);
+        if (!*after)
+            field_error(errs, "cursor", "is not a cursor this server gave out");
+    }
+    return json_array_size(errs) ? -1 : 0;
+}
+
+typedef struct list_ctx {
+    http_req *r;
+    json_t *data;
+    int limit;
+    int n;
+    uint64_t last;
+    int more;
+    /* filters */
+    int direction, status;
+    uint64_t device_id;
+    const char *number;
+    int64_t since, until;
+} list_ctx;
+
+static int list_msg(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+{
+    list_ctx *c = arg;
+    tt_server *srv = c->r->app;
+    if (klen != 17)
+        return 0;
+    uint64_t id = ~key_get_u64(key + 9);
+    if (c->n == c->limit) {
+        c->more = 1;
+        return 1;
+    }
+    msg_rec m = {0};
+    uint8_t k[KEY_MAX];
+    if (store_get(srv->store, k, key_u64(k, K_MESSAGE, id), &msg_schema, &m) != 0)
+        return 0;
+    int keep = (c->direction < 0 || (int)m.direction == c->direction) &&
+               (c->status < 0 || (int)m.status == c->status) && (!c->device_id || m.device_id == c->device_id) &&
+               (!c->number || (m.to && !strcmp(m.to, c->number)) || (m.from && !strcmp(m.from, c->number))) &&
+               (!c->since || m.created_at >= c->since) && (!c->until || m.created_at < c->until);
+    if (keep) {
+        json_array_append_new(c->data, view_message(&m));
+        c->n++;
+        c->last = id;
+    } else {
+        c->last = id;
+    }
+    rt_codec_free(&msg_schema, &m);
+    return 0;
+}
+
+static json_t *page(json_t *data, int more, uint64_t last)
+{
+    char cur[32];
+    snprintf(cur, sizeof(cur), "%" PRIu64, last);
+    return json_pack("{sos*}", "data", data, "next_cursor", more ? json_string(cur) : json_null());
+}
+
+static int status_from_name(const char *s)
+{
+    static const char *names[] = {"pending", "sent", "delivered", "failed", "cancelled", "received"};
+    for (int i = 0; i < 6; i++)
+        if (!strcmp(s, names[i]))
+            return i;
+    return -1;
+}
+
+static void h_list_messages(http_req *r)
+{
+    tt_server *srv = r->app;
+    json_t *errs = json_array();
+    list_ctx c = {.r = r, .direction = -1, .status = -1};
+    uint64_t after;
+    parse_limit(r, &c.limit, &after, errs);
+    char buf[64], num[TT_PHONE_MAX];
+    if (http_query(r, "direction", buf, sizeof(buf))) {
+        if (!strcmp(buf, "outbound"))
+            c.direction = DIR_OUTBOUND;
+        else if (!strcmp(buf, "inbound"))
+            c.direction = DIR_INBOUND;
+        else
+            field_error(errs, "direction", "must be outbound or inbound");
+    }
+    if (http_query(r, "status", buf, sizeof(buf)) && (c.status = status_from_name(buf)) < 0)
+        field_error(errs, "status", "must be pending, sent, delivered, failed, cancelled or received");
+    if (http_query(r, "device_id", buf, sizeof(buf)) && !(c.device_id = parse_id(buf)))
+        field_error(errs, "device_id", "must be a positive integer");
+    if (http_query(r, "number", buf, sizeof(buf))) {
+        if (tt_phone_normalize(buf, num) == 0)
+            c.number = num;
+        else
+            c.number = strcpy(num, buf[0] && strlen(buf) < sizeof(num) ? buf : "-");
+    }
+    if (http_query(r, "since", buf, sizeof(buf)) && tt_time_parse(buf, &c.since) != 0)
+        field_error(errs, "since", "must be an RFC 3339 time");
+    if (http_query(r, "until", buf, sizeof(buf)) && tt_time_parse(buf, &c.until) != 0)
+        field_error(errs, "until", "must be an RFC 3339 time");
+    if (json_array_size(errs)) {
+        http_reply_validation(r, errs);
+        return;
+    }
+    json_decref(errs);
+    c.data = json_array();
+    uint8_t prefix[KEY_MAX], start[KEY_MAX];
+    key_u64(prefix, K_ACCTMSG, r->account_id);
+    size_t slen = 0;
+    if (after) /* resume just past the cursor's id */
+        slen = key_acctmsg(start, r->account_id, after - 1);
+    int n = store_scan(srv->store, prefix, 9, after ? start : NULL, slen, SIZE_MAX, list_msg, &c);
+    if (n < 0) {
+        json_decref(c.data);
+        http_reply_problem(r, 503, "store_unavailable", "the store could not be read");
+        return;
+    }
+    http_reply_json(r, 200, page(c.data, c.more, c.last), NULL);
+}
+
+/* ---- devices ------------------------------------------------------------------------- */
+
+static void h_post_devices(http_req *r)
+{
+    tt_server *srv = r->app;
+    json_t *b = r->body, *errs = json_array();
+    device_create c = {r->account_id, NULL, 30};
+    json_t *jn = json_object_get(b, "name");
+    if (!json_is_string(jn))
+        field_error(errs, "name", jn ? "must be a string" : "is required");
+    else if (json_string_length(jn) < 1 || json_string_length(jn) > 100)
+        field_error(errs, "name", "must be 1 to 100 characters");
+    json_t *jr = json_object_get(b, "rate_per_minute");
+    if (jr && !json_is_null(jr)) {
+        if (!json_is_integer(jr) || json_integer_value(jr) < 1 || json_integer_value(jr) > 600)
+            field_error(errs, "rate_per_minute", "must be an integer from 1 to 600");
+        else
+            c.rate_per_minute = (uint64_t)json_integer_value(jr);
+    }
+    if (json_array_size(errs)) {
+        http_reply_validation(r, errs);
+        return;
+    }
+    json_decref(errs);
+    c.name = (char *)json_string_value(jn);
+    rt_envelope *rep = call(r, srv->router, rt_codec_envelope(ROUTER_DEVICE_CREATE, PROTO_V1, &device_create_schema, &c));
+    if (!rep || reply_if_problem(r, rep))
+        return;
+    dev_reply d = {0};
+    if (rep->type != REPLY_DEVICE || rt_codec_decode_env(&dev_reply_schema, PROTO_V1, rep, &d) != 0) {
+        rt_envelope_free(rep);
+        http_reply_problem(r, 500, "internal_error", "unexpected reply");
+        return;
+    }
+    rt_envelope_free(rep);
+    json_t *o = view_device(srv, d.id, d.name, d.rate_per_minute, d.created_at);
+    json_object_set_new(o, "mqtt", view_mqtt(srv, d.id, d.password ? d.password : ""));
+    char loc[96];
+    snprintf(loc, sizeof(loc), "Location: /api/v1/devices/%" PRIu64 "\r\n", d.id);
+    http_reply_json(r, 201, o, loc);
+    rt_codec_free(&dev_reply_schema, &d);
+}
+
+/* A device of the request's account (0), or a 404 already sent (-1). */
+static int load_device(http_req *r, uint64_t id, dev_rec *d)
+{
+    tt_server *srv = r->app;
+    uint8_t k[KEY_MAX];
+    dev_handle *h = id ? devreg_get(&srv->reg, id) : NULL;
+    int rc = h && !atomic_load_explicit(&h->deleted, memory_order_relaxed)
+                 ? store_get(srv->store, k, key_u64(k, K_DEVICE, id), &dev_schema, d)
+                 : -ENOENT;
+    if (rc == 0 && d->account_id == r->account_id)
+        return 0;
+    if (rc == 0)
+        rt_codec_free(&dev_schema, d);
+    http_reply_problem(r, 404, "not_found", "device %s not found", r->params[0]);
+    return -1;
+}
+
+static void h_get_device(http_req *r)
+{
+    dev_rec d = {0};
+    if (load_device(r, parse_id(r->params[0]), &d) != 0)
+        return;
+    dev_handle *h = devreg_get(&((tt_server *)r->app)->reg, d.id);
+    uint64_t rate = h ? atomic_load_explicit(&h->rate_per_minute, memory_order_relaxed) : d.rate_per_minute;
+    http_reply_json(r, 200, view_device(r->app, d.id, d.name, rate, d.created_at), NULL);
+    rt_codec_free(&dev_schema, &d);
+}
+
+typedef struct dlist_ctx {
+    http_req *r;
+    json_t *data;
+    int limit, n, more;
+    uint64_t last;
+} dlist_ctx;
+
+static int list_dev(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+{
+    dlist_ctx *c = arg;
+    tt_server *srv = c->r->app;
+    if (klen != 17)
+        return 0;
+    if (c->n == c->limit) {
+        c->more = 1;
+        return 1;
+    }
+    uint64_t id = key_get_u64(key + 9);
+    dev_handle *h = devreg_get(&srv->reg, id);
+    dev_rec d = {0};
+    uint8_t k[KEY_MAX];
+    if (!h || atomic_load_explicit(&h->deleted, memory_order_relaxed) ||
+        store_get(srv->store, k, key_u64(k, K_DEVICE, id), &dev_schema, &d) != 0)
+        return 0;
+    json_array_append_new(c->data, view_device(srv, id, d.name, atomic_load(&h->rate_per_minute), d.created_at));
+    rt_codec_free(&dev_schema, &d);
+    c->n++;
+    c->last = id;
+    return 0;
+}
+
+static void h_list_devices(http_req *r)
+{
+    tt_server *srv = r->app;
+    json_t *errs = json_array();
+    dlist_ctx c = {.r = r};
+    uint64_t after;
+    if (parse_limit(r, &c.limit, &after, errs) != 0) {
+        http_reply_validation(r, errs);
+        return;
+    }
+    json_decref(errs);
+    c.data = json_array();
+    uint8_t prefix[KEY_MAX], start[KEY_MAX];
+    key_u64(prefix, K_ACCTDEV, r->account_id);
+    size_t slen = after ? key_u64x2(start, K_ACCTDEV, r->account_id, after + 1) : 0;
+    store_scan(srv->store, prefix, 9, after ? start : NULL, slen, SIZE_MAX, list_dev, &c);
+    http_reply_json(r, 200, page(c.data, c.more, c.last), NULL);
+}
+
+/* ---- operations ------------------------------------------------------------------------ */
+
+static void h_healthz(http_req *r)
+{
+    tt_server *srv = r->app;
+    int up = 0, total = 0;
+    links_status(srv->links, &up, &total);
+    const char *mqtt = total > 0 && up == total ? "connected" : up > 0 ? "degraded" : "disconnected";
+    if (total == 0) /* per-device links and no device yet: nothing to be down */
+        mqtt = "connected";
+    int ok = atomic_load_explicit(&srv->store_ok, memory_order_relaxed);
+    json_t *o = json_pack("{ssssssss}", "status", ok ? "ok" : "error", "store", ok ? "ok" : "error", "mqtt", mqtt,
+                          "broker_acl", "unmanaged");
+    http_reply_json(r, ok ? 200 : 503, o, NULL);
+}
+
+/* ---- table ------------------------------------------------------------------------------ */
+
+static const http_route routes[] = {
+    {"GET", "/healthz", h_healthz, 0, 0},
+    {"POST", "/api/v1/messages", h_post_messages, 1, BODY_MAX},
+    {"GET", "/api/v1/messages", h_list_messages, 1, 0},
+    {"GET", "/api/v1/messages/{id}", h_get_message, 1, 0},
+    {"POST", "/api/v1/devices", h_post_devices, 1, BODY_MAX},
+    {"GET", "/api/v1/devices", h_list_devices, 1, 0},
+    {"GET", "/api/v1/devices/{id}", h_get_device, 1, 0},
+    {"POST", "/api/v1/devices/{id}/messages", h_post_device_messages, 1, BODY_MAX},
+};
+
+const http_route *handlers_routes(size_t *n)
+{
+    *n = sizeof(routes) / sizeof(routes[0]);
+    return routes;
+}
+
+/* Token -> account. Tokens are stored as hashes (API.md 7). */
+int handlers_auth(void *app, const char *token, uint64_t *account_id, uint64_t *token_id)
+{
+    tt_server *srv = app;
+    size_t len = strlen(token);
+    if (len != TT_TOKEN_LEN || strncmp(token, "tt_", 3) != 0)
+        return -1;
+    uint8_t hash[TT_HASH_BYTES], k[KEY_MAX];
+    tt_hash(NULL, token, len, hash);
+    char *val;
+    size_t vlen;
+    if (store_get_raw(srv->store, k, key_tokhash(k, hash), &val, &vlen) != 0)
+        return -1;
+    uint64_t tid = vlen == 8 ? key_get_u64((const uint8_t *)val) : 0;
+    rocksdb_free(val);
+    tok_rec t = {0};
+    if (!tid || store_get(srv->store, k, key_u64(k, K_TOKEN, tid), &tok_schema, &t) != 0)
+        return -1;
+    int ok = t.hash.len == TT_HASH_BYTES && tt_equal_ct(t.hash.ptr, hash, TT_HASH_BYTES);
+    *account_id = t.account_id;
+    *token_id = t.id;
+    rt_codec_free(&tok_schema, &t);
+    return ok ? 0 : -1;
+}

@@ -1,0 +1,14 @@
+/* handlers.h: the REST routes (API.md) and token authentication. */
+#ifndef TT_HTTP_HANDLERS_H
+#define TT_HTTP_HANDLERS_H
+
+#include <jansson.h>
+#include "http/http.h"
+#include "store/store.h"
+
+const http_route *handlers_routes(size_t *n);
+int handlers_auth(void *app, const char *token, uint64_t *account_id, uint64_t *token_id);
+/* The API's JSON view of a message. */
+json_t *view_message(const msg_rec *m);
+
+#endif
