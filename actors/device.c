@@ -18,6 +18,7 @@
 #define QREFILL 64        /* refill from the store when fewer remain */
 #define MAX_TIMEOUTS 3
 #define RECENT 512
+#define SENTC 128         /* sent messages kept in memory for their delivery report */
 
 typedef struct witem {
     msg_rec *rec;
@@ -43,6 +44,11 @@ typedef struct device {
     int64_t timer_due;
     uint64_t recent[RECENT]; /* recently finished ids: late notifications are ignored */
     size_t recent_i;
+    /* Messages reported sent, awaiting delivered/failed. Their newest state
+     * may still be on its way to disk, so reports must not re-read it from
+     * the store; the oldest are evicted (by then long committed). */
+    msg_rec *sentc[SENTC];
+    size_t sentc_i;
 } device;
 
 static void msg_free(msg_rec *r)
@@ -218,12 +224,53 @@ static void remember(device *d, uint64_t id)
     d->recent_i = (d->recent_i + 1) % RECENT;
 }
 
+static msg_rec *sentc_find(device *d, uint64_t id, size_t *slot)
+{
+    for (size_t i = 0; i < SENTC; i++)
+        if (d->sentc[i] && d->sentc[i]->id == id) {
+            *slot = i;
+            return d->sentc[i];
+        }
+    return NULL;
+}
+
+/* Keeps a copy of a sent message (takes ownership of r). */
+static void sentc_put(device *d, msg_rec *r)
+{
+    msg_free(d->sentc[d->sentc_i]);
+    d->sentc[d->sentc_i] = r;
+    d->sentc_i = (d->sentc_i + 1) % SENTC;
+}
+
+static msg_rec *msg_copy(const msg_rec *r)
+{
+    char *buf;
+    size_t len;
+    msg_rec *c = calloc(1, sizeof(*c));
+    if (!c || rt_codec_encode(&msg_schema, r, &buf, &len) != 0) {
+        free(c);
+        return NULL;
+    }
+    int rc = rt_codec_decode(&msg_schema, buf, len, c);
+    free(buf);
+    if (rc) {
+        free(c);
+        return NULL;
+    }
+    return c;
+}
+
 /* The message leaves pending: records it and updates the counters. */
 static void leave_pending(device *d, msg_rec *r)
 {
     write_msg(d, r, 1);
     remember(d, r->id);
     atomic_fetch_sub_explicit(&d->h->queued, 1, memory_order_relaxed);
+    if (r->status == ST_SENT) {
+        msg_rec *c = msg_copy(r);
+        if (c)
+            sentc_put(d, c);
+    }
 }
 
 static void fail_msg(device *d, msg_rec *r, const char *error, int64_t now)
@@ -552,8 +599,21 @@ static void on_report(device *d, const char *payload, size_t len)
         pump(d);
         return;
     }
-    /* Not in the window: a report for a message in the queue (handed over
-     * before a restart), a later report for a sent message, or a stray. */
+    /* A later report for a message reported sent. */
+    size_t slot;
+    msg_rec *sr = sentc_find(d, id, &slot);
+    if (sr) {
+        if (apply_report(sr, st, error, now))
+            write_msg(d, sr, 0);
+        if (msg_status_final(sr->status)) {
+            msg_free(sr);
+            d->sentc[slot] = NULL;
+        }
+        json_decref(o);
+        return;
+    }
+    /* Not in memory: a report for a message in the store queue (handed over
+     * before a restart), for a sent message evicted from memory, or a stray. */
     msg_rec r = {0};
     uint8_t k[KEY_MAX];
     int rc = store_get(d->srv->store, k, key_u64(k, K_MESSAGE, id), &msg_schema, &r);
@@ -662,6 +722,8 @@ static void device_stopped(rt_actor *self, void *state)
         msg_free(d->q[i]);
     for (size_t i = 0; i < d->wn; i++)
         msg_free(d->win[i].rec);
+    for (size_t i = 0; i < SENTC; i++)
+        msg_free(d->sentc[i]);
     free(d->q);
     free(d->win);
     free(d->sends);

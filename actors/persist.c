@@ -92,9 +92,10 @@ rt_envelope *preq_finish(preq *q)
     msgpack_pack_array(&hp, q->nposts);
     size_t tail = head.size - mid;
     size_t len = head.size + q->ops.size + q->posts.size;
-    rt_envelope *env = rt_envelope_new(PERSIST_WRITE, PROTO_V1, NULL, len);
-    if (env) {
-        char *p = env->data;
+    rt_envelope *env = NULL;
+    char *buf = malloc(len);
+    if (buf) {
+        char *p = buf;
         memcpy(p, head.data, mid);
         p += mid;
         if (q->ops.size)
@@ -104,6 +105,8 @@ rt_envelope *preq_finish(preq *q)
         p += tail;
         if (q->posts.size)
             memcpy(p, q->posts.data, q->posts.size);
+        env = rt_envelope_new(PERSIST_WRITE, PROTO_V1, buf, len);
+        free(buf);
     }
     msgpack_sbuffer_destroy(&head);
     preq_free(q);
