@@ -399,7 +399,7 @@ static json_t *page(json_t *data, int more, uint64_t last)
 {
     char cur[32];
     snprintf(cur, sizeof(cur), "%" PRIu64, last);
-    return json_pack("{sos*}", "data", data, "next_cursor", more ? json_string(cur) : json_null());
+    return json_pack("{soso}", "data", data, "next_cursor", more ? json_string(cur) : json_null());
 }
 
 static int status_from_name(const char *s)

@@ -55,11 +55,16 @@ static const rt_field dev_fields[] = {
     RT_FIELD(dev_rec, name, RT_F_STR),
     RT_FIELD(dev_rec, rate_per_minute, RT_F_U64),
     RT_FIELD(dev_rec, created_at, RT_F_I64),
-    RT_FIELD(dev_rec, last_seen_at, RT_F_I64),
     RT_FIELD(dev_rec, password_sealed, RT_F_BIN),
-    RT_FIELD(dev_rec, info, RT_F_NSTR),
 };
 const rt_schema dev_schema = RT_SCHEMA("device", dev_fields);
+
+static const rt_field devlive_fields[] = {
+    RT_FIELD(devlive_rec, v, RT_F_U64),
+    RT_FIELD(devlive_rec, last_seen_at, RT_F_I64),
+    RT_FIELD(devlive_rec, info, RT_F_NSTR),
+};
+const rt_schema devlive_schema = RT_SCHEMA("devlive", devlive_fields);
 
 static const rt_field acct_fields[] = {
     RT_FIELD(acct_rec, v, RT_F_U64),

@@ -22,6 +22,7 @@
 #define K_ACCOUNT 'C'   /* C account            -> acct_rec */
 #define K_TOKEN   'K'   /* K token_id           -> tok_rec */
 #define K_TOKHASH 'T'   /* T hash(32)           -> token_id (8) */
+#define K_DEVLIVE 'I'   /* I device             -> devlive_rec (written by the device actor) */
 #define K_META    'Z'   /* Z name               -> value */
 
 #define KEY_MAX 64
@@ -69,10 +70,16 @@ typedef struct dev_rec {
     char *name;
     uint64_t rate_per_minute;
     int64_t created_at;
-    int64_t last_seen_at;
     rt_bin password_sealed;
-    char *info;            /* last status payload (JSON text), or NULL */
 } dev_rec;
+
+/* What the device actor learns from the device itself; kept apart from
+ * dev_rec (owned by the router) so that each key has one writer. */
+typedef struct devlive_rec {
+    uint64_t v;
+    int64_t last_seen_at;
+    char *info;            /* last online status payload (JSON text), or NULL */
+} devlive_rec;
 
 typedef struct acct_rec {
     uint64_t v;
@@ -95,6 +102,7 @@ typedef struct tok_rec {
 extern const rt_schema msg_schema;
 extern const rt_schema dev_schema;
 extern const rt_schema acct_schema;
+extern const rt_schema devlive_schema;
 extern const rt_schema tok_schema;
 
 const char *msg_status_name(uint64_t st);
