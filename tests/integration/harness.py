@@ -135,6 +135,21 @@ def tail(path, lines=60):
     return "\n".join(text[-lines:])
 
 
+try:
+    import ctypes
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except Exception:  # not Linux: children may then outlive a killed test
+    _PRCTL = None
+
+
+def _die_with_parent():
+    """preexec_fn: the child gets SIGKILL when this test process dies, even by
+    SIGKILL (a ctest timeout), so no broker or server outlives its test. Only
+    calls an already resolved function: nothing to import in the child."""
+    if _PRCTL is not None:
+        _PRCTL(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
 def _register(obj):
     _live.append(obj)
     _all_live.append(obj)
@@ -193,7 +208,7 @@ class Broker:
     def start(self):
         logf = open(self.logpath, "ab")
         self.proc = subprocess.Popen(["mosquitto", "-c", self.conf], stdout=logf,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         logf.close()
         deadline = time.time() + T(10)
         while not port_open(self.port):
@@ -512,7 +527,7 @@ class Server:
         env = dict(os.environ)
         env.update(self.env)
         self.proc = subprocess.Popen(self.args(), stdout=logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env)
         logf.close()
         deadline = time.time() + T(timeout)
         last = None
@@ -577,7 +592,7 @@ class Server:
         """Runs taratxtd with args (the server should be stopped); returns
         CompletedProcess with text output."""
         return subprocess.run([self.bin] + list(args), capture_output=True, text=True,
-                              timeout=T(timeout), stdin=subprocess.DEVNULL)
+                              timeout=T(timeout), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
     def account_create(self, name):
         must(not self.alive(), "account create needs the server stopped")
@@ -628,7 +643,7 @@ class DevSim:
     def start(self):
         logf = open(self.logpath, "ab")
         self.proc = subprocess.Popen([self.bin, "--credentials", self.credpath] + self.args,
-                                     stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL)
+                                     stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         logf.close()
         self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self.reader.start()
