@@ -13,12 +13,64 @@
 #include "server.h"
 #include "util/clock.h"
 #include "util/log.h"
+#include "util/phone.h"
+#include "util/safeword.h"
+#include "util/sms.h"
 
 #define QCAP 256          /* messages held in memory beyond the window */
 #define QREFILL 64        /* refill from the store when fewer remain */
 #define MAX_TIMEOUTS 3
 #define RECENT 512
 #define SENTC 128         /* sent messages kept in memory for their delivery report */
+
+typedef struct strvec {
+    char **v;
+    size_t n, cap;
+} strvec;
+
+static int strvec_add(strvec *sv, const char *str)
+{
+    if (sv->n == sv->cap) {
+        size_t cap = sv->cap ? sv->cap * 2 : 8;
+        char **v = realloc(sv->v, cap * sizeof(*v));
+        if (!v)
+            return -ENOMEM;
+        sv->v = v;
+        sv->cap = cap;
+    }
+    if (!(sv->v[sv->n] = strdup(str)))
+        return -ENOMEM;
+    sv->n++;
+    return 0;
+}
+
+static void strvec_clear(strvec *sv)
+{
+    for (size_t i = 0; i < sv->n; i++)
+        free(sv->v[i]);
+    sv->n = 0;
+}
+
+static int strvec_has(const strvec *sv, const char *str)
+{
+    for (size_t i = 0; i < sv->n; i++)
+        if (!strcmp(sv->v[i], str))
+            return 1;
+    return 0;
+}
+
+typedef struct reply_post {
+    rt_mailbox *to;
+    uint64_t corr;
+    uint16_t type;
+    char *payload;
+    size_t len;
+} reply_post;
+
+typedef struct post_vec {
+    reply_post *v;
+    size_t n, cap;
+} post_vec;
 
 typedef struct witem {
     msg_rec *rec;
@@ -49,6 +101,13 @@ typedef struct device {
      * the store; the oldest are evicted (by then long committed). */
     msg_rec *sentc[SENTC];
     size_t sentc_i;
+    /* Inbound SMS ids to acknowledge on P/ack once stored: those in the
+     * write being gathered, and those in the write on its way to disk. */
+    strvec acks_next, acks_inflight;
+    /* Replies to HTTP requests, sent with the next write's commit. */
+    post_vec replies;
+    strvec pin_backlog;   /* P/pins payloads not yet published (link down) */
+    int deleted;
 } device;
 
 static void msg_free(msg_rec *r)
@@ -94,9 +153,19 @@ static void flush_writes(device *d)
     if (d->wr_inflight)
         return;
     if (!d->wr_env && d->wr && preq_nops(d->wr) > 0) {
+        for (size_t i = 0; i < d->replies.n; i++) {
+            reply_post *rp = &d->replies.v[i];
+            preq_post(d->wr, rp->to, rp->corr, rp->type, REPLY_STORE_FAILED, rp->payload, rp->len);
+            free(rp->payload);
+        }
+        d->replies.n = 0;
         preq_post(d->wr, rt_actor_mailbox(d->h->actor), 0, DEV_PERSISTED, DEV_PERSIST_FAILED, NULL, 0);
         d->wr_env = preq_finish(d->wr);
         d->wr = NULL;
+        /* The acks gathered so far ride on this write. */
+        strvec t = d->acks_inflight;
+        d->acks_inflight = d->acks_next;
+        d->acks_next = t;
     }
     if (!d->wr_env)
         return;
@@ -264,12 +333,26 @@ static msg_rec *msg_copy(const msg_rec *r)
 static void leave_pending(device *d, msg_rec *r)
 {
     write_msg(d, r, 1);
+    if (r->status == ST_SENT && d->wr) {
+        uint8_t k[KEY_MAX];
+        preq_put(d->wr, k, key_u64x2(k, K_SENT, d->h->id, r->id), "", 0);
+    }
     remember(d, r->id);
     atomic_fetch_sub_explicit(&d->h->queued, 1, memory_order_relaxed);
     if (r->status == ST_SENT) {
         msg_rec *c = msg_copy(r);
         if (c)
             sentc_put(d, c);
+    }
+}
+
+/* Records a message that was sent; once final it leaves the sent index. */
+static void write_sent(device *d, const msg_rec *r)
+{
+    write_msg(d, r, 0);
+    if (msg_status_final(r->status) && d->wr) {
+        uint8_t k[KEY_MAX];
+        preq_del(d->wr, k, key_u64x2(k, K_SENT, d->h->id, r->id));
     }
 }
 
@@ -476,6 +559,8 @@ static void on_tick(device *d)
 
 /* ---- packets from the device ---------------------------------------------- */
 
+static void retry_pin_backlog(device *d);
+
 static void set_online(device *d, int online, int64_t now)
 {
     if (online == d->online)
@@ -484,6 +569,7 @@ static void set_online(device *d, int online, int64_t now)
     atomic_store_explicit(&d->h->online, online, memory_order_relaxed);
     LOG_INFO("device %" PRIu64 " is %s", d->h->id, online ? "online" : "offline");
     if (online) {
+        retry_pin_backlog(d);
         /* Unreported hand-overs go again on reconnect (not a timeout). */
         for (size_t i = 0; i < d->wn; i++)
             d->win[i].resend = 1;
@@ -604,7 +690,7 @@ static void on_report(device *d, const char *payload, size_t len)
     msg_rec *sr = sentc_find(d, id, &slot);
     if (sr) {
         if (apply_report(sr, st, error, now))
-            write_msg(d, sr, 0);
+            write_sent(d, sr);
         if (msg_status_final(sr->status)) {
             msg_free(sr);
             d->sentc[slot] = NULL;
@@ -629,11 +715,311 @@ static void on_report(device *d, const char *payload, size_t len)
         if (apply_report(&r, st, error, now))
             leave_pending(d, &r);
     } else if (apply_report(&r, st, error, now)) {
-        write_msg(d, &r, 0);
+        write_sent(d, &r);
     }
     rt_codec_free(&msg_schema, &r);
     json_decref(o);
     pump(d);
+}
+
+
+/* ---- inbound SMS ------------------------------------------------------------------ */
+
+static void publish_ack(device *d, const char *id)
+{
+    json_t *o = json_pack("{ss}", "inbound", id);
+    char *body = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    if (body && links_publish(d->srv->links, d->h->id, "ack", body, strlen(body), 0) != 0)
+        LOG_DEBUG("device %" PRIu64 ": could not acknowledge inbound %s now; the device will repeat it", d->h->id, id);
+    free(body);
+}
+
+static int inbound_id_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n < 1 || n > 64)
+        return 0;
+    for (const char *p = s; *p; p++)
+        if (*p < 0x21 || *p > 0x7e)
+            return 0;
+    return 1;
+}
+
+static void ask_router_to_pin(device *d, const char *number)
+{
+    pin_op p = {d->h->account_id, d->h->id, PIN_INBOUND, (char *)number, NULL};
+    rt_envelope *env = rt_codec_envelope(ROUTER_PIN_INBOUND, PROTO_V1, &pin_op_schema, &p);
+    if (env && rt_send(d->srv->router, env) != 0) {
+        rt_envelope_free(env);
+        LOG_WARN("device %" PRIu64 ": router busy; %s not pinned now (its next SMS will pin it)", d->h->id, number);
+    }
+}
+
+static void on_inbound(device *d, const char *payload, size_t len)
+{
+    int64_t now = tt_now_ms();
+    atomic_store_explicit(&d->h->last_seen_at, now, memory_order_relaxed);
+    json_error_t e;
+    json_t *o = json_loadb(payload, len, 0, &e);
+    json_t *jid = o ? json_object_get(o, "id") : NULL;
+    json_t *jfrom = o ? json_object_get(o, "from") : NULL;
+    json_t *jmsg = o ? json_object_get(o, "message") : NULL;
+    json_t *jat = o ? json_object_get(o, "received_at") : NULL;
+    const char *id = json_is_string(jid) && inbound_id_ok(json_string_value(jid)) ? json_string_value(jid) : NULL;
+    char number[TT_PHONE_MAX];
+    const char *from = NULL;
+    int is_phone = 0;
+    if (json_is_string(jfrom)) {
+        if (tt_phone_normalize(json_string_value(jfrom), number) == 0) {
+            from = number;
+            is_phone = 1;
+        } else if (tt_sender_is_alnum(json_string_value(jfrom))) {
+            from = json_string_value(jfrom);
+        }
+    }
+    tt_sms_info info = {0};
+    int64_t received_at = 0;
+    if (json_is_string(jat) && tt_time_parse(json_string_value(jat), &received_at) != 0)
+        received_at = 0;
+    if (!json_is_object(o) || (jid && !id) || !from || !json_is_string(jmsg) ||
+        tt_sms_analyze(json_string_value(jmsg), json_string_length(jmsg), &info) != 0 ||
+        json_string_length(jmsg) == 0) {
+        LOG_WARN("device %" PRIu64 ": ignoring a malformed inbound SMS%s%s", d->h->id, id ? " " : "", id ? id : "");
+        atomic_fetch_add_explicit(&d->srv->metrics.device_bad_payload, 1, memory_order_relaxed);
+        if (id)
+            publish_ack(d, id); /* so a broken device does not resend it forever */
+        json_decref(o);
+        return;
+    }
+    uint8_t k[KEY_MAX];
+    if (id) {
+        if (strvec_has(&d->acks_next, id) || strvec_has(&d->acks_inflight, id)) {
+            json_decref(o); /* stored with the write under way, acknowledged then */
+            return;
+        }
+        char *v;
+        size_t vl;
+        if (store_get_raw(d->srv->store, k, key_u64_str(k, K_INBOUND, d->h->id, id), &v, &vl) == 0) {
+            rocksdb_free(v);
+            publish_ack(d, id); /* a repeat of one already stored */
+            json_decref(o);
+            return;
+        }
+    }
+    msg_rec r = {0};
+    r.v = 1;
+    r.id = atomic_fetch_add_explicit(&d->srv->next_message_id, 1, memory_order_relaxed);
+    r.account_id = d->h->account_id;
+    r.device_id = d->h->id;
+    r.direction = DIR_INBOUND;
+    r.status = ST_RECEIVED;
+    r.from = (char *)from;
+    r.text = (char *)json_string_value(jmsg);
+    r.routing = RT_NONE;
+    r.priority = PRIO_NORMAL;
+    r.encoding = info.encoding;
+    r.segments = info.segments;
+    r.created_at = now;
+    r.received_at = received_at;
+    r.inbound_id = (char *)id;
+    r.safe_word_verified = 0;
+    if (is_phone) {
+        pin_rec pin = {0};
+        if (store_get(d->srv->store, k, key_u64_str(k, K_PIN, d->h->account_id, from), &pin_schema, &pin) == 0) {
+            r.safe_word_verified = tt_safeword_matches(r.text, json_string_length(jmsg), pin.safe_word);
+            rt_codec_free(&pin_schema, &pin);
+        } else {
+            ask_router_to_pin(d, from);
+        }
+    }
+    write_msg(d, &r, 0);
+    preq *q = wr(d);
+    if (q) {
+        preq_put(q, k, key_acctmsg(k, r.account_id, r.id), "", 0);
+        if (id) {
+            uint8_t idv[8];
+            key_put_u64(idv, r.id);
+            preq_put(q, k, key_u64_str(k, K_INBOUND, d->h->id, id), idv, 8);
+            strvec_add(&d->acks_next, id);
+        }
+    }
+    LOG_INFO("device %" PRIu64 ": inbound SMS from %s stored as message %" PRIu64 "%s", d->h->id, from, r.id,
+             r.safe_word_verified == 1 ? " (safe word verified)" : "");
+    json_decref(o);
+}
+
+/* ---- requests from the API ------------------------------------------------------- */
+
+static void queue_reply(device *d, const rt_envelope *req, rt_mailbox *to, uint64_t corr, uint16_t type,
+                        const void *payload, size_t len)
+{
+    (void)req;
+    if (d->replies.n == d->replies.cap) {
+        size_t cap = d->replies.cap ? d->replies.cap * 2 : 4;
+        reply_post *v = realloc(d->replies.v, cap * sizeof(*v));
+        if (!v)
+            return;
+        d->replies.v = v;
+        d->replies.cap = cap;
+    }
+    reply_post *rp = &d->replies.v[d->replies.n++];
+    rp->to = to;
+    rp->corr = corr;
+    rp->type = type;
+    rp->len = len;
+    rp->payload = NULL;
+    if (len && (rp->payload = malloc(len)))
+        memcpy(rp->payload, payload, len);
+}
+
+static void publish_pins(device *d, const char *text)
+{
+    if (links_publish(d->srv->links, d->h->id, "pins", text, strlen(text), 0) != 0 && d->pin_backlog.n < 10000)
+        strvec_add(&d->pin_backlog, text); /* again when the link is back */
+}
+
+static void retry_pin_backlog(device *d)
+{
+    size_t keep = 0;
+    for (size_t i = 0; i < d->pin_backlog.n; i++) {
+        char *t = d->pin_backlog.v[i];
+        if (keep == 0 && links_publish(d->srv->links, d->h->id, "pins", t, strlen(t), 0) == 0)
+            free(t);
+        else
+            d->pin_backlog.v[keep++] = t;
+    }
+    d->pin_backlog.n = keep;
+}
+
+typedef struct failscan {
+    device *d;
+    int64_t now;
+    size_t n;
+} failscan;
+
+/* Fails one message found in the device's store indexes (device deleted). */
+static int fail_stored(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+{
+    failscan *c = arg;
+    device *d = c->d;
+    uint64_t id = key_get_u64(key + klen - 8);
+    msg_rec r = {0};
+    uint8_t k[KEY_MAX];
+    preq *q = wr(d);
+    if (!q)
+        return 1;
+    preq_del(q, key, klen);
+    if (store_get(d->srv->store, k, key_u64(k, K_MESSAGE, id), &msg_schema, &r) == 0) {
+        if (!msg_status_final(r.status) && r.device_id == d->h->id) {
+            r.status = ST_FAILED;
+            r.failed_at = c->now;
+            free(r.error);
+            r.error = strdup("device_deleted");
+            write_msg(d, &r, 0);
+            c->n++;
+        }
+        rt_codec_free(&msg_schema, &r);
+    }
+    return 0;
+}
+
+static void on_delete(device *d, const rt_envelope *env)
+{
+    int64_t now = tt_now_ms();
+    dev_reply_to to = {0};
+    rt_codec_decode_env(&dev_reply_to_schema, PROTO_V1, env, &to);
+    d->deleted = 1;
+    /* In memory first (their newest state), then whatever the store holds. */
+    for (size_t i = 0; i < d->wn; i++) {
+        fail_msg(d, d->win[i].rec, "device_deleted", now);
+        msg_free(d->win[i].rec);
+    }
+    d->wn = 0;
+    for (size_t i = 0; i < d->qn; i++) {
+        fail_msg(d, d->q[i], "device_deleted", now);
+        msg_free(d->q[i]);
+    }
+    d->qn = 0;
+    for (size_t i = 0; i < SENTC; i++)
+        if (d->sentc[i]) {
+            d->sentc[i]->status = ST_FAILED;
+            d->sentc[i]->failed_at = now;
+            free(d->sentc[i]->error);
+            d->sentc[i]->error = strdup("device_deleted");
+            write_sent(d, d->sentc[i]);
+            msg_free(d->sentc[i]);
+            d->sentc[i] = NULL;
+        }
+    flush_writes(d);
+    failscan c = {d, now, 0};
+    uint8_t prefix[KEY_MAX];
+    key_u64(prefix, K_QUEUE, d->h->id);
+    store_scan(d->srv->store, prefix, 9, NULL, 0, SIZE_MAX, fail_stored, &c);
+    key_u64(prefix, K_SENT, d->h->id);
+    store_scan(d->srv->store, prefix, 9, NULL, 0, SIZE_MAX, fail_stored, &c);
+    uint8_t k[KEY_MAX];
+    preq *q = wr(d);
+    if (q)
+        preq_del(q, k, key_u64(k, K_DEVLIVE, d->h->id)); /* also makes sure the write exists */
+    atomic_store_explicit(&d->h->queued, 0, memory_order_relaxed);
+    atomic_store_explicit(&d->h->inflight, 0, memory_order_relaxed);
+    d->overflow = 0;
+    set_online(d, 0, now);
+    links_unbind(d->srv->links, d->h->id);
+    if (to.mailbox)
+        queue_reply(d, env, (rt_mailbox *)(uintptr_t)to.mailbox, env->corr, REPLY_OK, NULL, 0);
+}
+
+static void on_cancel(device *d, const rt_envelope *env)
+{
+    dev_cancel c = {0};
+    if (rt_codec_decode_env(&dev_cancel_schema, PROTO_V1, env, &c) != 0) {
+        proto_reply_problem(env, 500, "internal_error", "malformed cancel");
+        return;
+    }
+    int64_t now = tt_now_ms();
+    msg_rec *r = NULL, stored = {0};
+    size_t slot;
+    for (size_t i = 0; i < d->qn; i++)
+        if (d->q[i]->id == c.message_id) {
+            r = d->q[i];
+            memmove(d->q + i, d->q + i + 1, (d->qn - i - 1) * sizeof(*d->q));
+            d->qn--;
+            break;
+        }
+    int in_window = 0;
+    for (size_t i = 0; i < d->wn; i++)
+        in_window |= d->win[i].rec->id == c.message_id;
+    uint8_t k[KEY_MAX];
+    if (!r && !in_window && !sentc_find(d, c.message_id, &slot) &&
+        store_get(d->srv->store, k, key_u64(k, K_MESSAGE, c.message_id), &msg_schema, &stored) == 0 &&
+        stored.status == ST_PENDING && stored.device_id == d->h->id && !stored.dispatched_at)
+        r = &stored;
+    if (!r || r->account_id != c.account_id) {
+        if (r == &stored || !r)
+            rt_codec_free(&msg_schema, &stored);
+        else
+            q_insert(d, r);
+        proto_reply_problem(env, 409, "not_cancellable",
+                            "message %" PRIu64 " was already handed to its device or is final", c.message_id);
+        return;
+    }
+    r->status = ST_CANCELLED;
+    r->failed_at = 0;
+    leave_pending(d, r);
+    char *buf;
+    size_t len;
+    if (rt_codec_encode(&msg_schema, r, &buf, &len) == 0) {
+        queue_reply(d, env, env->reply, env->corr, REPLY_MESSAGE, buf, len);
+        free(buf);
+    }
+    LOG_INFO("message %" PRIu64 " cancelled", r->id);
+    (void)now;
+    if (r == &stored)
+        rt_codec_free(&msg_schema, &stored);
+    else
+        msg_free(r);
 }
 
 /* ---- dispatch -------------------------------------------------------------------- */
@@ -679,15 +1065,19 @@ static void device_dispatch(rt_actor *self, void *state, rt_envelope *env)
             on_status(d, m.payload.ptr, m.payload.len);
         else if (m.kind == MQ_REPORT)
             on_report(d, m.payload.ptr, m.payload.len);
-        else
-            LOG_DEBUG("device %" PRIu64 ": inbound SMS ignored", d->h->id);
+        else if (m.kind == MQ_INBOUND)
+            on_inbound(d, m.payload.ptr, m.payload.len);
         rt_codec_free(&dev_mqtt_schema, &m);
         break;
     }
     case DEV_LINK: {
         dev_link l = {0};
-        if (rt_codec_decode_env(&dev_link_schema, PROTO_V1, env, &l) == 0 && !l.up)
-            set_online(d, 0, tt_now_ms());
+        if (rt_codec_decode_env(&dev_link_schema, PROTO_V1, env, &l) == 0) {
+            if (!l.up)
+                set_online(d, 0, tt_now_ms());
+            else
+                retry_pin_backlog(d);
+        }
         break;
     }
     case DEV_TICK:
@@ -695,12 +1085,35 @@ static void device_dispatch(rt_actor *self, void *state, rt_envelope *env)
         break;
     case DEV_PERSISTED:
         d->wr_inflight = 0;
+        for (size_t i = 0; i < d->acks_inflight.n; i++)
+            publish_ack(d, d->acks_inflight.v[i]);
+        strvec_clear(&d->acks_inflight);
         break;
     case DEV_PERSIST_FAILED:
         /* The store is failing (the server reports it in /healthz); the
-         * state stays in memory and later writes carry it again. */
+         * state stays in memory and later writes carry it again. Inbound
+         * SMS are not acknowledged: the device sends them again. */
         d->wr_inflight = 0;
+        strvec_clear(&d->acks_inflight);
         LOG_ERROR("device %" PRIu64 ": a state write failed", d->h->id);
+        break;
+    case DEV_PIN_PUBLISH: {
+        dev_text t = {0};
+        if (rt_codec_decode_env(&dev_text_schema, PROTO_V1, env, &t) == 0 && !d->deleted)
+            publish_pins(d, t.text);
+        rt_codec_free(&dev_text_schema, &t);
+        break;
+    }
+    case DEV_DELETE:
+        on_delete(d, env);
+        break;
+    case DEV_KICK:
+        /* New credentials: the broker closed the old session without its
+         * Last Will, so the device is offline until it reconnects. */
+        set_online(d, 0, tt_now_ms());
+        break;
+    case DEV_CANCEL:
+        on_cancel(d, env);
         break;
     default:
         LOG_WARN("device %" PRIu64 ": unknown message type %u", d->h->id, (unsigned)env->type);
@@ -724,6 +1137,15 @@ static void device_stopped(rt_actor *self, void *state)
         msg_free(d->win[i].rec);
     for (size_t i = 0; i < SENTC; i++)
         msg_free(d->sentc[i]);
+    strvec_clear(&d->acks_next);
+    strvec_clear(&d->acks_inflight);
+    strvec_clear(&d->pin_backlog);
+    free(d->acks_next.v);
+    free(d->acks_inflight.v);
+    free(d->pin_backlog.v);
+    for (size_t i = 0; i < d->replies.n; i++)
+        free(d->replies.v[i].payload);
+    free(d->replies.v);
     free(d->q);
     free(d->win);
     free(d->sends);
@@ -737,7 +1159,7 @@ static void device_stopped(rt_actor *self, void *state)
 static const rt_actor_ops device_ops = {device_dispatch, device_batch_end, device_stopped};
 
 dev_handle *device_spawn(tt_server *srv, uint64_t id, uint64_t account_id, uint32_t rate, int64_t queued,
-                         int64_t last_seen_at)
+                         int64_t last_seen_at, int64_t pins)
 {
     device *d = calloc(1, sizeof(*d));
     dev_handle *h = calloc(1, sizeof(*h));
@@ -750,6 +1172,7 @@ dev_handle *device_spawn(tt_server *srv, uint64_t id, uint64_t account_id, uint3
     atomic_init(&h->queued, queued);
     atomic_init(&h->last_seen_at, last_seen_at);
     atomic_init(&h->rate_per_minute, rate);
+    atomic_init(&h->pins, pins);
     d->srv = srv;
     d->h = h;
     h->actor = rt_actor_new(srv->sched, "device", 256, &device_ops, d);

@@ -30,6 +30,7 @@ typedef struct dev_handle {
     _Atomic int64_t inflight;      /* handed over, not yet reported */
     _Atomic int64_t last_seen_at;  /* ms, 0 never */
     _Atomic uint32_t rate_per_minute;
+    _Atomic int64_t pins;          /* pins of this device (router writes) */
     _Atomic int deleted;
 } dev_handle;
 
@@ -37,7 +38,7 @@ typedef struct dev_handle {
  * link and loads its backlog from the store). queued: pending messages the
  * store holds for it. */
 dev_handle *device_spawn(struct tt_server *srv, uint64_t id, uint64_t account_id, uint32_t rate,
-                         int64_t queued, int64_t last_seen_at);
+                         int64_t queued, int64_t last_seen_at, int64_t pins);
 
 /* Link/paho side: hands a packet to the device's actor. 1 taken, 0 full. */
 int device_offer_packet(struct tt_server *srv, uint64_t device_id, int kind, const void *payload, size_t len);

@@ -55,6 +55,40 @@ static const rt_field dev_link_fields[] = {
 };
 const rt_schema dev_link_schema = RT_SCHEMA("dev_link", dev_link_fields);
 
+static const rt_field pin_op_fields[] = {
+    RT_FIELD(pin_op, account_id, RT_F_U64),
+    RT_FIELD(pin_op, device_id, RT_F_U64),
+    RT_FIELD(pin_op, op, RT_F_U64),
+    RT_FIELD(pin_op, number, RT_F_NSTR),
+    RT_FIELD(pin_op, safe_word, RT_F_NSTR),
+};
+const rt_schema pin_op_schema = RT_SCHEMA("pin_op", pin_op_fields);
+
+static const rt_field device_patch_fields[] = {
+    RT_FIELD(device_patch, account_id, RT_F_U64),
+    RT_FIELD(device_patch, device_id, RT_F_U64),
+    RT_FIELD(device_patch, name, RT_F_NSTR),
+    RT_FIELD(device_patch, rate_per_minute, RT_F_U64),
+};
+const rt_schema device_patch_schema = RT_SCHEMA("device_patch", device_patch_fields);
+
+static const rt_field dev_text_fields[] = {
+    RT_FIELD(dev_text, text, RT_F_STR),
+};
+const rt_schema dev_text_schema = RT_SCHEMA("dev_text", dev_text_fields);
+
+static const rt_field dev_reply_to_fields[] = {
+    RT_FIELD(dev_reply_to, mailbox, RT_F_U64),
+    RT_FIELD(dev_reply_to, corr, RT_F_U64),
+};
+const rt_schema dev_reply_to_schema = RT_SCHEMA("dev_reply_to", dev_reply_to_fields);
+
+static const rt_field dev_cancel_fields[] = {
+    RT_FIELD(dev_cancel, account_id, RT_F_U64),
+    RT_FIELD(dev_cancel, message_id, RT_F_U64),
+};
+const rt_schema dev_cancel_schema = RT_SCHEMA("dev_cancel", dev_cancel_fields);
+
 void proto_reply(const rt_envelope *req, uint16_t type, const rt_schema *s, const void *obj)
 {
     if (!req->reply)

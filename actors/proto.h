@@ -20,6 +20,8 @@ enum {
     REPLY_PROBLEM = 3,      /* problem */
     REPLY_OK = 4,           /* no payload */
     REPLY_STORE_FAILED = 5, /* the write could not be made durable */
+    REPLY_PIN = 6,          /* pin_rec */
+    REPLY_BATCH = 7,        /* batch results, see router.c */
 
     /* persist */
     PERSIST_WRITE = 100,    /* ops + posts, see persist.h */
@@ -28,6 +30,12 @@ enum {
     /* router */
     ROUTER_SUBMIT = 200,    /* submit */
     ROUTER_DEVICE_CREATE = 201, /* device_create */
+    ROUTER_PIN_OP = 202,    /* pin_op */
+    ROUTER_PIN_INBOUND = 203, /* pin_op (op PIN_INBOUND): an inbound SMS from an unpinned number */
+    ROUTER_DEVICE_PATCH = 204, /* device_patch */
+    ROUTER_DEVICE_DELETE = 205, /* device_patch (only ids) */
+    ROUTER_DEVICE_ROTATE = 206, /* device_patch (only ids) */
+    ROUTER_BATCH = 207,     /* array of submit payloads (bin) */
 
     /* device */
     DEV_MESSAGE = 300,      /* msg_rec: a new message committed for this device */
@@ -38,6 +46,10 @@ enum {
     DEV_PERSIST_FAILED = 305,
     DEV_START = 306,        /* load backlog, subscribe */
     DEV_RESCAN = 307,       /* there is more in its store queue than it holds */
+    DEV_PIN_PUBLISH = 308,  /* dev_text: a P/pins payload to publish */
+    DEV_DELETE = 309,       /* the device was deleted: fail its messages, then reply */
+    DEV_KICK = 310,         /* credentials rotated: the device is offline until it reconnects */
+    DEV_CANCEL = 311,       /* dev_cancel */
 };
 
 #define PROTO_V1 1
@@ -92,6 +104,42 @@ typedef struct dev_link {
     bool up;
 } dev_link;
 extern const rt_schema dev_link_schema;
+
+enum { PIN_RESET_ONE = 0, PIN_RESET_ALL = 1, PIN_EDIT = 2, PIN_REGENERATE = 3, PIN_INBOUND = 4 };
+typedef struct pin_op {
+    uint64_t account_id;
+    uint64_t device_id;
+    uint64_t op;
+    char *number;         /* normalised; NULL for PIN_RESET_ALL */
+    char *safe_word;      /* PIN_EDIT */
+} pin_op;
+extern const rt_schema pin_op_schema;
+
+typedef struct device_patch {
+    uint64_t account_id;
+    uint64_t device_id;
+    char *name;           /* NULL: unchanged */
+    uint64_t rate_per_minute; /* 0: unchanged */
+} device_patch;
+extern const rt_schema device_patch_schema;
+
+typedef struct dev_text {
+    char *text;
+} dev_text;
+extern const rt_schema dev_text_schema;
+
+/* Where a device actor sends the HTTP reply of a request it finishes. */
+typedef struct dev_reply_to {
+    uint64_t mailbox;     /* rt_mailbox pointer */
+    uint64_t corr;
+} dev_reply_to;
+extern const rt_schema dev_reply_to_schema;
+
+typedef struct dev_cancel {
+    uint64_t account_id;
+    uint64_t message_id;
+} dev_cancel;
+extern const rt_schema dev_cancel_schema;
 
 /* Sends a problem reply to env's reply mailbox (if any) and frees nothing. */
 void proto_reply_problem(const rt_envelope *req, int status, const char *code, const char *fmt, ...)

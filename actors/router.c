@@ -2,17 +2,23 @@
 #include "actors/router.h"
 
 #include <errno.h>
+#include <jansson.h>
+#include <msgpack.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "actors/device.h"
+#include "actors/pincache.h"
 #include "actors/persist.h"
 #include "actors/proto.h"
 #include "server.h"
 #include "util/clock.h"
 #include "util/crypto.h"
 #include "util/log.h"
+#include "util/safeword.h"
 #include <sodium.h>
 
 typedef struct acct_devs {
@@ -26,6 +32,7 @@ typedef struct router {
     acct_devs *accts;
     size_t nacct, capacct;
     uint64_t last_device_id;
+    pincache *pins;
 } router;
 
 static acct_devs *acct_get(router *rt, uint64_t account_id, int create)
@@ -65,6 +72,17 @@ static int acct_add(router *rt, uint64_t account_id, uint64_t device_id)
     return 0;
 }
 
+static void acct_remove(router *rt, uint64_t account_id, uint64_t device_id)
+{
+    acct_devs *a = acct_get(rt, account_id, 0);
+    for (size_t i = 0; a && i < a->n; i++)
+        if (a->ids[i] == device_id) {
+            memmove(a->ids + i, a->ids + i + 1, (a->n - i - 1) * sizeof(*a->ids));
+            a->n--;
+            return;
+        }
+}
+
 /* A device of this account, or NULL. */
 static dev_handle *own_device(router *rt, uint64_t account_id, uint64_t device_id)
 {
@@ -74,9 +92,118 @@ static dev_handle *own_device(router *rt, uint64_t account_id, uint64_t device_i
     return h;
 }
 
+/* The outcome of routing one message, for a single send or a batch item. */
+typedef struct outcome {
+    int status;           /* 202, or the problem's status */
+    const char *code;
+    char detail[160];
+} outcome;
+
+static int fail(outcome *o, int status, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int fail(outcome *o, int status, const char *code, const char *fmt, ...)
+{
+    o->status = status;
+    o->code = code;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(o->detail, sizeof(o->detail), fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static void reply_outcome(const rt_envelope *env, const outcome *o)
+{
+    proto_reply_problem(env, o->status, o->code, "%s", o->detail);
+}
+
+/* ---- pins ------------------------------------------------------------------- */
+
+/* The pin of (account, number): the cache, else the store (then cached). */
+static pin_entry *pin_lookup(router *rt, uint64_t account_id, const char *number)
+{
+    pin_entry *e = pincache_get(rt->pins, account_id, number);
+    if (e)
+        return e;
+    pin_rec p = {0};
+    uint8_t k[KEY_MAX];
+    if (store_get(rt->srv->store, k, key_u64_str(k, K_PIN, account_id, number), &pin_schema, &p) != 0)
+        return NULL;
+    pin_entry n = {.account_id = account_id, .device_id = p.device_id, .created_at = p.created_at,
+                   .last_used_at = p.last_used_at};
+    snprintf(n.number, sizeof(n.number), "%s", p.number);
+    snprintf(n.safe_word, sizeof(n.safe_word), "%s", p.safe_word);
+    rt_codec_free(&pin_schema, &p);
+    return pincache_put(rt->pins, &n);
+}
+
+static void pin_to_rec(const pin_entry *e, pin_rec *p)
+{
+    *p = (pin_rec){1, (char *)e->number, e->device_id, (char *)e->safe_word, e->created_at, e->last_used_at};
+}
+
+static int pin_write(preq *q, const pin_entry *e)
+{
+    pin_rec p;
+    pin_to_rec(e, &p);
+    char *val;
+    size_t vlen;
+    if (store_encode(&pin_schema, &p, &val, &vlen) != 0)
+        return -ENOMEM;
+    uint8_t k[KEY_MAX];
+    preq_put(q, k, key_u64_str(k, K_PIN, e->account_id, e->number), val, vlen);
+    preq_put(q, k, key_u64_str(k, K_DEVPIN, e->device_id, e->number), "", 0);
+    free(val);
+    return 0;
+}
+
+static void pin_delete(preq *q, uint64_t account_id, uint64_t device_id, const char *number)
+{
+    uint8_t k[KEY_MAX];
+    preq_del(q, k, key_u64_str(k, K_PIN, account_id, number));
+    preq_del(q, k, key_u64_str(k, K_DEVPIN, device_id, number));
+}
+
+/* Posts a P/pins payload for the device to publish once the change is stored. */
+static void pin_notify(preq *q, dev_handle *h, json_t *payload)
+{
+    char *text = json_dumps(payload, JSON_COMPACT);
+    json_decref(payload);
+    dev_text t = {text};
+    char *buf;
+    size_t len;
+    if (text && rt_codec_encode(&dev_text_schema, &t, &buf, &len) == 0) {
+        preq_post(q, rt_actor_mailbox(h->actor), 0, DEV_PIN_PUBLISH, 0, buf, len);
+        free(buf);
+    }
+    free(text);
+}
+
+static json_t *pin_payload(const pin_entry *e)
+{
+    return json_pack("{ssss}", "number", e->number, "safe_word", e->safe_word);
+}
+
+/* Creates a pin (number -> device) with a new safe word. */
+static pin_entry *pin_create(router *rt, preq *q, uint64_t account_id, const char *number, dev_handle *h, int64_t now,
+                             int used)
+{
+    pin_entry n = {.account_id = account_id, .device_id = h->id, .created_at = now, .last_used_at = used ? now : 0};
+    snprintf(n.number, sizeof(n.number), "%s", number);
+    tt_safeword_new(n.safe_word);
+    pin_entry *e = pincache_put(rt->pins, &n);
+    if (!e || pin_write(q, e) != 0)
+        return NULL;
+    pin_notify(q, h, pin_payload(e));
+    atomic_fetch_add_explicit(&h->pins, 1, memory_order_relaxed);
+    return e;
+}
+
+/* ---- routing ---------------------------------------------------------------- */
+
 /* Auto routing: the online device with the fewest queued messages (ties: the
  * lowest id); with force and none online, the most recently seen. */
-static dev_handle *pick_device(router *rt, const rt_envelope *env, uint64_t account_id, int force)
+static dev_handle *pick_device(router *rt, uint64_t account_id, int force, outcome *o)
 {
     acct_devs *a = acct_get(rt, account_id, 0);
     dev_handle *best = NULL, *recent = NULL;
@@ -94,96 +221,262 @@ static dev_handle *pick_device(router *rt, const rt_envelope *env, uint64_t acco
         }
         if (!atomic_load_explicit(&h->online, memory_order_relaxed))
             continue;
-        int64_t q = atomic_load_explicit(&h->queued, memory_order_relaxed);
-        if (!best || q < best_q) {
+        int64_t qd = atomic_load_explicit(&h->queued, memory_order_relaxed);
+        if (!best || qd < best_q) {
             best = h;
-            best_q = q;
+            best_q = qd;
         }
     }
     if (best)
         return best;
     if (!live) {
-        proto_reply_problem(env, 409, "no_devices", "the account has no devices; create one with POST /api/v1/devices");
+        fail(o, 409, "no_devices", "the account has no devices; create one with POST /api/v1/devices");
         return NULL;
     }
     if (!force) {
-        proto_reply_problem(env, 409, "no_device_online", "no device of the account is online; pass force=true to queue");
+        fail(o, 409, "no_device_online", "no device of the account is online; pass force=true to queue");
         return NULL;
     }
     return recent;
 }
 
+/* Routes one message: chooses the device (and pin), adds the message's keys
+ * and its device's notification to q. On success *val is the encoded message
+ * (malloc'd) and *hout its device, whose queued count was incremented. */
+static int route_one(router *rt, const submit *s, preq *q, char **val, size_t *vlen, dev_handle **hout, outcome *o)
+{
+    int64_t now = tt_now_ms();
+    dev_handle *h;
+    uint64_t routing;
+    const char *safe_word = NULL;
+    pin_entry *pin = pin_lookup(rt, s->account_id, s->to);
+    if (pin && !own_device(rt, s->account_id, pin->device_id))
+        pin = NULL; /* a pin of a deleted device (they go with it) */
+    if (s->device_id) {
+        h = own_device(rt, s->account_id, s->device_id);
+        if (!h)
+            return fail(o, 404, "not_found", "device %" PRIu64 " not found", s->device_id);
+        if (!s->force && !atomic_load_explicit(&h->online, memory_order_relaxed))
+            return fail(o, 409, "device_offline", "device %" PRIu64 " is offline; pass force=true to queue", h->id);
+        routing = RT_DIRECT;
+        if (pin && pin->device_id == h->id) {
+            /* A direct send neither creates nor moves a pin; through the
+             * pinned device itself it carries the safe word. */
+            safe_word = pin->safe_word;
+        }
+    } else if (pin) {
+        h = own_device(rt, s->account_id, pin->device_id);
+        if (!s->force && !atomic_load_explicit(&h->online, memory_order_relaxed))
+            return fail(o, 409, "device_offline",
+                        "%s is pinned to device %" PRIu64 ", which is offline; pass force=true to queue", s->to, h->id);
+        routing = RT_PINNED;
+        safe_word = pin->safe_word;
+    } else {
+        h = pick_device(rt, s->account_id, s->force, o);
+        if (!h)
+            return -1;
+        routing = RT_AUTO;
+    }
+    size_t mark = preq_nops(q);
+    (void)mark;
+    if (routing == RT_AUTO) {
+        pin = pin_create(rt, q, s->account_id, s->to, h, now, 1);
+        if (!pin)
+            return fail(o, 503, "overloaded", "out of memory");
+        safe_word = pin->safe_word;
+    } else if (routing == RT_PINNED || safe_word) {
+        pin->last_used_at = now;
+        pin_write(q, pin);
+    }
+    msg_rec r = {0};
+    r.v = 1;
+    r.id = atomic_fetch_add_explicit(&rt->srv->next_message_id, 1, memory_order_relaxed);
+    r.account_id = s->account_id;
+    r.device_id = h->id;
+    r.direction = DIR_OUTBOUND;
+    r.status = ST_PENDING;
+    r.to = s->to;
+    r.text = s->text;
+    r.routing = routing;
+    r.forced = s->force;
+    r.priority = s->priority;
+    r.encoding = s->encoding;
+    r.segments = s->segments;
+    r.created_at = now;
+    r.expires_at = now + s->ttl_s * 1000;
+    r.safe_word_verified = -1;
+    r.safe_word = (char *)safe_word;
+    if (store_encode(&msg_schema, &r, val, vlen) != 0)
+        return fail(o, 503, "overloaded", "out of memory");
+    uint8_t k[KEY_MAX];
+    preq_put(q, k, key_u64(k, K_MESSAGE, r.id), *val, *vlen);
+    preq_put(q, k, key_queue(k, h->id, r.priority, r.id), "", 0);
+    preq_put(q, k, key_acctmsg(k, s->account_id, r.id), "", 0);
+    preq_post(q, rt_actor_mailbox(h->actor), 0, DEV_MESSAGE, 0, *val, *vlen);
+    atomic_fetch_add_explicit(&h->queued, 1, memory_order_relaxed);
+    *hout = h;
+    return 0;
+}
+
+/* Sends q to persist; on a full mailbox undoes the queued counts. */
+static int commit(router *rt, preq *q, dev_handle **hs, size_t nh)
+{
+    rt_envelope *w = preq_finish(q);
+    if (w && rt_send(rt->srv->persist, w) == 0)
+        return 0;
+    if (w)
+        rt_envelope_free(w);
+    for (size_t i = 0; i < nh; i++)
+        atomic_fetch_sub_explicit(&hs[i]->queued, 1, memory_order_relaxed);
+    return -EAGAIN;
+}
+
 static void on_submit(router *rt, rt_envelope *env)
 {
     submit s = {0};
+    outcome o;
     if (rt_codec_decode_env(&submit_schema, PROTO_V1, env, &s) != 0) {
         proto_reply_problem(env, 500, "internal_error", "malformed submit");
         return;
     }
-    dev_handle *h;
-    uint64_t routing;
-    if (s.device_id) {
-        h = own_device(rt, s.account_id, s.device_id);
-        if (!h) {
-            proto_reply_problem(env, 404, "not_found", "device %" PRIu64 " not found", s.device_id);
-            goto out;
-        }
-        if (!s.force && !atomic_load_explicit(&h->online, memory_order_relaxed)) {
-            proto_reply_problem(env, 409, "device_offline", "device %" PRIu64 " is offline; pass force=true to queue",
-                                s.device_id);
-            goto out;
-        }
-        routing = RT_DIRECT;
-    } else {
-        h = pick_device(rt, env, s.account_id, s.force);
-        if (!h)
-            goto out;
-        routing = RT_AUTO;
-    }
-    int64_t now = tt_now_ms();
-    msg_rec r = {0};
-    r.v = 1;
-    r.id = atomic_fetch_add_explicit(&rt->srv->next_message_id, 1, memory_order_relaxed);
-    r.account_id = s.account_id;
-    r.device_id = h->id;
-    r.direction = DIR_OUTBOUND;
-    r.status = ST_PENDING;
-    r.to = s.to;
-    r.text = s.text;
-    r.routing = routing;
-    r.forced = s.force;
-    r.priority = s.priority;
-    r.encoding = s.encoding;
-    r.segments = s.segments;
-    r.created_at = now;
-    r.expires_at = now + s.ttl_s * 1000;
-    r.safe_word_verified = -1;
-
+    preq *q = preq_new();
     char *val = NULL;
     size_t vlen = 0;
-    preq *q = preq_new();
-    if (!q || store_encode(&msg_schema, &r, &val, &vlen) != 0) {
+    dev_handle *h = NULL;
+    if (!q) {
+        proto_reply_problem(env, 503, "overloaded", "out of memory");
+    } else if (route_one(rt, &s, q, &val, &vlen, &h, &o) != 0) {
+        /* A pin made in q before the failure is not stored: forget it. */
+        pincache_remove(rt->pins, s.account_id, s.to);
         preq_free(q);
+        reply_outcome(env, &o);
+    } else {
+        preq_post(q, env->reply, env->corr, REPLY_MESSAGE, REPLY_STORE_FAILED, val, vlen);
+        if (commit(rt, q, &h, 1) != 0) {
+            pincache_remove(rt->pins, s.account_id, s.to);
+            proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
+        }
+    }
+    free(val);
+    rt_codec_free(&submit_schema, &s);
+}
+
+/* A batch: every item routed in order into one commit; the reply lists one
+ * [status, message-or-problem] per item. */
+static void on_batch(router *rt, rt_envelope *env)
+{
+    msgpack_unpacked u;
+    msgpack_unpacked_init(&u);
+    size_t off = 0;
+    if (msgpack_unpack_next(&u, env->data, env->len, &off) != MSGPACK_UNPACK_SUCCESS ||
+        u.data.type != MSGPACK_OBJECT_ARRAY) {
+        msgpack_unpacked_destroy(&u);
+        proto_reply_problem(env, 500, "internal_error", "malformed batch");
+        return;
+    }
+    msgpack_object_array items = u.data.via.array;
+    preq *q = preq_new();
+    dev_handle **hs = calloc(items.size ? items.size : 1, sizeof(*hs));
+    char **pinned = calloc(items.size ? items.size : 1, sizeof(*pinned));
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    size_t nh = 0;
+    if (!q || !hs || !pinned) {
         proto_reply_problem(env, 503, "overloaded", "out of memory");
         goto out;
     }
-    uint8_t k[KEY_MAX];
-    preq_put(q, k, key_u64(k, K_MESSAGE, r.id), val, vlen);
-    preq_put(q, k, key_queue(k, h->id, r.priority, r.id), "", 0);
-    preq_put(q, k, key_acctmsg(k, s.account_id, r.id), "", 0);
-    preq_post(q, env->reply, env->corr, REPLY_MESSAGE, REPLY_STORE_FAILED, val, vlen);
-    preq_post(q, rt_actor_mailbox(h->actor), 0, DEV_MESSAGE, 0, val, vlen);
-    free(val);
-    rt_envelope *w = preq_finish(q);
-    atomic_fetch_add_explicit(&h->queued, 1, memory_order_relaxed);
-    if (!w || rt_send(rt->srv->persist, w) != 0) {
-        atomic_fetch_sub_explicit(&h->queued, 1, memory_order_relaxed);
-        if (w)
-            rt_envelope_free(w);
-        proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
+    msgpack_pack_array(&pk, items.size);
+    for (uint32_t i = 0; i < items.size; i++) {
+        submit s = {0};
+        outcome o = {500, "internal_error", "malformed batch item"};
+        char *val = NULL;
+        size_t vlen = 0;
+        dev_handle *h = NULL;
+        msgpack_object it = items.ptr[i];
+        int ok = it.type == MSGPACK_OBJECT_BIN &&
+                 rt_codec_decode(&submit_schema, it.via.bin.ptr, it.via.bin.size, &s) == 0 &&
+                 route_one(rt, &s, q, &val, &vlen, &h, &o) == 0;
+        msgpack_pack_array(&pk, 2);
+        if (ok) {
+            hs[nh++] = h;
+            msgpack_pack_uint64(&pk, 202);
+            msgpack_pack_bin(&pk, vlen);
+            msgpack_pack_bin_body(&pk, val, vlen);
+        } else {
+            problem p = {(uint64_t)o.status, (char *)o.code, o.detail};
+            char *pb;
+            size_t plen;
+            msgpack_pack_uint64(&pk, (uint64_t)o.status);
+            if (rt_codec_encode(&problem_schema, &p, &pb, &plen) == 0) {
+                msgpack_pack_bin(&pk, plen);
+                msgpack_pack_bin_body(&pk, pb, plen);
+                free(pb);
+            } else {
+                msgpack_pack_bin(&pk, 0);
+            }
+        }
+        if (s.to && ok)
+            pinned[i] = strdup(s.to);
+        free(val);
+        rt_codec_free(&submit_schema, &s);
     }
+    preq_post(q, env->reply, env->corr, REPLY_BATCH, REPLY_STORE_FAILED, sb.data, sb.size);
+    if (commit(rt, q, hs, nh) != 0) {
+        proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
+        /* Pins made for the batch were not stored. */
+        pincache *c = rt->pins;
+        (void)c;
+    }
+    q = NULL;
 out:
-    rt_codec_free(&submit_schema, &s);
+    preq_free(q);
+    for (uint32_t i = 0; pinned && i < items.size; i++)
+        free(pinned[i]);
+    free(pinned);
+    free(hs);
+    msgpack_sbuffer_destroy(&sb);
+    msgpack_unpacked_destroy(&u);
+}
+
+/* ---- devices ------------------------------------------------------------------ */
+
+static int device_write(preq *q, const dev_rec *d)
+{
+    char *val;
+    size_t vlen;
+    if (store_encode(&dev_schema, d, &val, &vlen) != 0)
+        return -ENOMEM;
+    uint8_t k[KEY_MAX];
+    preq_put(q, k, key_u64(k, K_DEVICE, d->id), val, vlen);
+    free(val);
+    return 0;
+}
+
+/* Replies {device, password} after q commits. */
+static int post_device_reply(preq *q, const rt_envelope *env, const dev_rec *d, const char *password)
+{
+    dev_reply dr = {d->id, d->account_id, d->name, d->rate_per_minute, d->created_at, (char *)password};
+    char *rep;
+    size_t rlen;
+    if (rt_codec_encode(&dev_reply_schema, &dr, &rep, &rlen) != 0)
+        return -ENOMEM;
+    preq_post(q, env->reply, env->corr, REPLY_DEVICE, REPLY_STORE_FAILED, rep, rlen);
+    free(rep);
+    return 0;
+}
+
+/* A new random password, sealed into d. */
+static int new_password(router *rt, dev_rec *d, char password[33])
+{
+    tt_random_base62(password, 32);
+    uint8_t *sealed;
+    size_t slen;
+    if (tt_seal(rt->srv->key, password, 32, &sealed, &slen) != 0)
+        return -ENOMEM;
+    d->password_sealed = (rt_bin){sealed, slen};
+    return 0;
 }
 
 static void on_device_create(router *rt, rt_envelope *env)
@@ -193,58 +486,247 @@ static void on_device_create(router *rt, rt_envelope *env)
         proto_reply_problem(env, 500, "internal_error", "malformed device create");
         return;
     }
-    int64_t now = tt_now_ms();
     char password[33];
-    tt_random_base62(password, 32);
-    dev_rec d = {0};
-    d.v = 1;
-    d.id = rt->last_device_id + 1;
-    d.account_id = c.account_id;
-    d.name = c.name;
-    d.rate_per_minute = c.rate_per_minute;
-    d.created_at = now;
-    uint8_t *sealed = NULL;
-    size_t slen = 0;
-    char *val = NULL, *rep = NULL;
-    size_t vlen = 0, rlen = 0;
-    preq *q = NULL;
-    if (tt_seal(rt->srv->key, password, 32, &sealed, &slen) != 0)
-        goto oom;
-    d.password_sealed = (rt_bin){sealed, slen};
-    dev_reply dr = {d.id, d.account_id, d.name, d.rate_per_minute, now, password};
-    q = preq_new();
-    if (!q || store_encode(&dev_schema, &d, &val, &vlen) != 0 || rt_codec_encode(&dev_reply_schema, &dr, &rep, &rlen) != 0)
-        goto oom;
+    dev_rec d = {1, rt->last_device_id + 1, c.account_id, c.name, c.rate_per_minute, tt_now_ms(), {NULL, 0}};
+    preq *q = preq_new();
     uint8_t k[KEY_MAX];
-    preq_put(q, k, key_u64(k, K_DEVICE, d.id), val, vlen);
+    if (!q || new_password(rt, &d, password) != 0 || device_write(q, &d) != 0 ||
+        post_device_reply(q, env, &d, password) != 0) {
+        preq_free(q);
+        proto_reply_problem(env, 503, "overloaded", "out of memory");
+        goto out;
+    }
     preq_put(q, k, key_u64x2(k, K_ACCTDEV, d.account_id, d.id), "", 0);
-    preq_post(q, env->reply, env->corr, REPLY_DEVICE, REPLY_STORE_FAILED, rep, rlen);
-    rt_envelope *w = preq_finish(q);
-    q = NULL;
-    if (!w || rt_send(rt->srv->persist, w) != 0) {
-        if (w)
-            rt_envelope_free(w);
+    if (commit(rt, q, NULL, 0) != 0) {
         proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
         goto out;
     }
     /* Known from now on: the next request may name it before the commit's
      * reply reaches the client, and it is processed after this one. */
     rt->last_device_id = d.id;
-    if (!device_spawn(rt->srv, d.id, d.account_id, (uint32_t)d.rate_per_minute, 0, 0) ||
+    if (!device_spawn(rt->srv, d.id, d.account_id, (uint32_t)d.rate_per_minute, 0, 0, 0) ||
         acct_add(rt, d.account_id, d.id) != 0)
         LOG_ERROR("device %" PRIu64 ": could not start its actor", d.id);
     else
         LOG_INFO("device %" PRIu64 " created for account %" PRIu64, d.id, d.account_id);
-    goto out;
-oom:
-    preq_free(q);
-    proto_reply_problem(env, 503, "overloaded", "out of memory");
+    if (rt->srv->dynsec)
+        dynsec_put_device(rt->srv->dynsec, d.id, password);
 out:
     sodium_memzero(password, sizeof(password));
-    free(sealed);
-    free(val);
-    free(rep);
+    free(d.password_sealed.ptr);
     rt_codec_free(&device_create_schema, &c);
+}
+
+/* Loads the device record of (account, id); a 404 reply otherwise. */
+static int load_own(router *rt, const rt_envelope *env, uint64_t account_id, uint64_t id, dev_handle **h, dev_rec *d)
+{
+    uint8_t k[KEY_MAX];
+    *h = own_device(rt, account_id, id);
+    if (!*h || store_get(rt->srv->store, k, key_u64(k, K_DEVICE, id), &dev_schema, d) != 0) {
+        proto_reply_problem(env, 404, "not_found", "device %" PRIu64 " not found", id);
+        return -1;
+    }
+    return 0;
+}
+
+static void on_device_patch(router *rt, rt_envelope *env, int rotate)
+{
+    device_patch p = {0};
+    dev_rec d = {0};
+    dev_handle *h;
+    char password[33] = {0};
+    if (rt_codec_decode_env(&device_patch_schema, PROTO_V1, env, &p) != 0) {
+        proto_reply_problem(env, 500, "internal_error", "malformed device patch");
+        return;
+    }
+    if (load_own(rt, env, p.account_id, p.device_id, &h, &d) != 0)
+        goto out;
+    if (p.name) {
+        free(d.name);
+        d.name = strdup(p.name);
+    }
+    if (p.rate_per_minute)
+        d.rate_per_minute = p.rate_per_minute;
+    preq *q = preq_new();
+    if (rotate) {
+        free(d.password_sealed.ptr);
+        d.password_sealed = (rt_bin){NULL, 0};
+    }
+    if (!q || !d.name || (rotate && new_password(rt, &d, password) != 0) || device_write(q, &d) != 0 ||
+        post_device_reply(q, env, &d, rotate ? password : NULL) != 0) {
+        preq_free(q);
+        proto_reply_problem(env, 503, "overloaded", "out of memory");
+        goto out;
+    }
+    if (rotate)
+        preq_post(q, rt_actor_mailbox(h->actor), 0, DEV_KICK, 0, NULL, 0);
+    if (commit(rt, q, NULL, 0) != 0) {
+        proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
+        goto out;
+    }
+    atomic_store_explicit(&h->rate_per_minute, (uint32_t)d.rate_per_minute, memory_order_relaxed);
+    if (rotate) {
+        if (rt->srv->dynsec)
+            dynsec_put_device(rt->srv->dynsec, d.id, password);
+        LOG_INFO("device %" PRIu64 ": credentials rotated", d.id);
+    }
+out:
+    sodium_memzero(password, sizeof(password));
+    rt_codec_free(&dev_schema, &d);
+    rt_codec_free(&device_patch_schema, &p);
+}
+
+typedef struct pinscan {
+    preq *q;
+    uint64_t account_id, device_id;
+    size_t n;
+} pinscan;
+
+static int delete_pin_key(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+{
+    pinscan *c = arg;
+    char number[TT_PHONE_MAX];
+    size_t nl = klen - 9 < sizeof(number) - 1 ? klen - 9 : sizeof(number) - 1;
+    memcpy(number, key + 9, nl);
+    number[nl] = 0;
+    pin_delete(c->q, c->account_id, c->device_id, number);
+    c->n++;
+    return 0;
+}
+
+/* Deletes every pin of a device into q. */
+static void delete_device_pins(router *rt, preq *q, dev_handle *h)
+{
+    uint8_t prefix[KEY_MAX];
+    key_u64(prefix, K_DEVPIN, h->id);
+    pinscan c = {q, h->account_id, h->id, 0};
+    store_scan(rt->srv->store, prefix, 9, NULL, 0, SIZE_MAX, delete_pin_key, &c);
+    pincache_remove_device(rt->pins, h->id);
+    atomic_store_explicit(&h->pins, 0, memory_order_relaxed);
+}
+
+static void on_device_delete(router *rt, rt_envelope *env)
+{
+    device_patch p = {0};
+    dev_rec d = {0};
+    dev_handle *h;
+    if (rt_codec_decode_env(&device_patch_schema, PROTO_V1, env, &p) != 0) {
+        proto_reply_problem(env, 500, "internal_error", "malformed device delete");
+        return;
+    }
+    if (load_own(rt, env, p.account_id, p.device_id, &h, &d) != 0)
+        goto out;
+    preq *q = preq_new();
+    dev_reply_to to = {(uint64_t)(uintptr_t)env->reply, env->corr};
+    char *buf;
+    size_t len;
+    if (!q || rt_codec_encode(&dev_reply_to_schema, &to, &buf, &len) != 0) {
+        preq_free(q);
+        proto_reply_problem(env, 503, "overloaded", "out of memory");
+        goto out;
+    }
+    uint8_t k[KEY_MAX];
+    preq_del(q, k, key_u64(k, K_DEVICE, d.id));
+    preq_del(q, k, key_u64x2(k, K_ACCTDEV, d.account_id, d.id));
+    delete_device_pins(rt, q, h);
+    /* The device actor fails its unfinished messages and answers the client
+     * once that is stored too. */
+    preq_post(q, rt_actor_mailbox(h->actor), env->corr, DEV_DELETE, 0, buf, len);
+    free(buf);
+    if (commit(rt, q, NULL, 0) != 0) {
+        proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
+        goto out;
+    }
+    atomic_store_explicit(&h->deleted, 1, memory_order_relaxed);
+    acct_remove(rt, d.account_id, d.id);
+    if (rt->srv->dynsec)
+        dynsec_delete_device(rt->srv->dynsec, d.id);
+    LOG_INFO("device %" PRIu64 " deleted", d.id);
+out:
+    rt_codec_free(&dev_schema, &d);
+    rt_codec_free(&device_patch_schema, &p);
+}
+
+/* ---- pin operations ------------------------------------------------------------ */
+
+static void reply_pin(preq *q, const rt_envelope *env, const pin_entry *e)
+{
+    pin_rec p;
+    pin_to_rec(e, &p);
+    char *buf;
+    size_t len;
+    if (rt_codec_encode(&pin_schema, &p, &buf, &len) == 0) {
+        preq_post(q, env->reply, env->corr, REPLY_PIN, REPLY_STORE_FAILED, buf, len);
+        free(buf);
+    }
+}
+
+static void on_pin_op(router *rt, rt_envelope *env)
+{
+    pin_op p = {0};
+    if (rt_codec_decode_env(&pin_op_schema, PROTO_V1, env, &p) != 0) {
+        proto_reply_problem(env, 500, "internal_error", "malformed pin operation");
+        return;
+    }
+    int64_t now = tt_now_ms();
+    dev_handle *h = own_device(rt, p.account_id, p.device_id);
+    preq *q = NULL;
+    if (!h) {
+        if (p.op != PIN_INBOUND)
+            proto_reply_problem(env, 404, "not_found", "device %" PRIu64 " not found", p.device_id);
+        goto out;
+    }
+    q = preq_new();
+    if (!q)
+        goto oom;
+    if (p.op == PIN_INBOUND) {
+        /* An inbound SMS from an unpinned number pins it to that device. */
+        if (!p.number || pin_lookup(rt, p.account_id, p.number))
+            goto out;
+        if (!pin_create(rt, q, p.account_id, p.number, h, now, 0))
+            goto oom;
+        if (commit(rt, q, NULL, 0) != 0)
+            pincache_remove(rt->pins, p.account_id, p.number);
+        q = NULL;
+        goto out;
+    }
+    if (p.op == PIN_RESET_ALL) {
+        delete_device_pins(rt, q, h);
+        pin_notify(q, h, json_pack("{sb}", "removed_all", 1));
+        preq_post(q, env->reply, env->corr, REPLY_OK, REPLY_STORE_FAILED, NULL, 0);
+    } else {
+        pin_entry *e = p.number ? pin_lookup(rt, p.account_id, p.number) : NULL;
+        if (!e || e->device_id != h->id) {
+            proto_reply_problem(env, 404, "not_found", "no pin for %s on device %" PRIu64, p.number ? p.number : "?",
+                                h->id);
+            goto out;
+        }
+        if (p.op == PIN_RESET_ONE) {
+            pin_delete(q, p.account_id, h->id, e->number);
+            pin_notify(q, h, json_pack("{sssb}", "number", e->number, "removed", 1));
+            preq_post(q, env->reply, env->corr, REPLY_OK, REPLY_STORE_FAILED, NULL, 0);
+            pincache_remove(rt->pins, p.account_id, p.number);
+            atomic_fetch_sub_explicit(&h->pins, 1, memory_order_relaxed);
+        } else {
+            if (p.op == PIN_EDIT)
+                snprintf(e->safe_word, sizeof(e->safe_word), "%s", p.safe_word ? p.safe_word : "");
+            else
+                tt_safeword_new(e->safe_word);
+            if (pin_write(q, e) != 0)
+                goto oom;
+            pin_notify(q, h, pin_payload(e));
+            reply_pin(q, env, e);
+        }
+    }
+    if (commit(rt, q, NULL, 0) != 0)
+        proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
+    q = NULL;
+    goto out;
+oom:
+    proto_reply_problem(env, 503, "overloaded", "out of memory");
+out:
+    preq_free(q);
+    rt_codec_free(&pin_op_schema, &p);
 }
 
 static void router_dispatch(rt_actor *self, void *state, rt_envelope *env)
@@ -256,6 +738,22 @@ static void router_dispatch(rt_actor *self, void *state, rt_envelope *env)
         break;
     case ROUTER_DEVICE_CREATE:
         on_device_create(rt, env);
+        break;
+    case ROUTER_BATCH:
+        on_batch(rt, env);
+        break;
+    case ROUTER_PIN_OP:
+    case ROUTER_PIN_INBOUND:
+        on_pin_op(rt, env);
+        break;
+    case ROUTER_DEVICE_PATCH:
+        on_device_patch(rt, env, 0);
+        break;
+    case ROUTER_DEVICE_ROTATE:
+        on_device_patch(rt, env, 1);
+        break;
+    case ROUTER_DEVICE_DELETE:
+        on_device_delete(rt, env);
         break;
     default:
         LOG_WARN("router: unknown message type %u", (unsigned)env->type);
@@ -270,6 +768,7 @@ static void router_stopped(rt_actor *self, void *state)
     for (size_t i = 0; i < rt->nacct; i++)
         free(rt->accts[i].ids);
     free(rt->accts);
+    pincache_free(rt->pins);
     free(rt);
 }
 
@@ -280,6 +779,7 @@ static const rt_actor_ops router_ops = {router_dispatch, NULL, router_stopped};
 typedef struct load_ctx {
     router *rt;
     int64_t *counts;     /* pending per device id */
+    int64_t *pins;       /* pins per device id */
     size_t ncounts;
     int failed;
 } load_ctx;
@@ -292,6 +792,15 @@ static int count_queue(const uint8_t *key, size_t klen, const char *val, size_t 
     uint64_t dev = key_get_u64(key + 1);
     if (dev < c->ncounts)
         c->counts[dev]++;
+    return 0;
+}
+
+static int count_pins(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+{
+    load_ctx *c = arg;
+    uint64_t dev = klen > 9 ? key_get_u64(key + 1) : 0;
+    if (dev && dev < c->ncounts)
+        c->pins[dev]++;
     return 0;
 }
 
@@ -312,7 +821,8 @@ static int load_device(const uint8_t *key, size_t klen, const char *val, size_t 
         rt_codec_free(&devlive_schema, &lr);
     }
     int64_t pending = d.id < c->ncounts ? c->counts[d.id] : 0;
-    if (!device_spawn(rt->srv, d.id, d.account_id, (uint32_t)d.rate_per_minute, pending, seen) ||
+    int64_t pins = d.id < c->ncounts ? c->pins[d.id] : 0;
+    if (!device_spawn(rt->srv, d.id, d.account_id, (uint32_t)d.rate_per_minute, pending, seen, pins) ||
         acct_add(rt, d.account_id, d.id) != 0) {
         c->failed = 1;
         rt_codec_free(&dev_schema, &d);
@@ -330,17 +840,23 @@ rt_actor *router_new(tt_server *srv)
     if (!rt)
         return NULL;
     rt->srv = srv;
+    rt->pins = pincache_new((size_t)srv->o.pin_cache_entries);
     uint64_t last = store_last_id(srv->store, K_DEVICE);
-    load_ctx c = {rt, calloc(last + 1, sizeof(int64_t)), last + 1, 0};
-    if (!c.counts) {
-        free(rt);
+    load_ctx c = {rt, calloc(last + 1, sizeof(int64_t)), calloc(last + 1, sizeof(int64_t)), last + 1, 0};
+    if (!c.counts || !c.pins || !rt->pins) {
+        free(c.counts);
+        free(c.pins);
+        router_stopped(NULL, rt);
         return NULL;
     }
     uint8_t prefix[1] = {K_QUEUE};
     store_scan(srv->store, prefix, 1, NULL, 0, SIZE_MAX, count_queue, &c);
+    prefix[0] = K_DEVPIN;
+    store_scan(srv->store, prefix, 1, NULL, 0, SIZE_MAX, count_pins, &c);
     prefix[0] = K_DEVICE;
     store_scan(srv->store, prefix, 1, NULL, 0, SIZE_MAX, load_device, &c);
     free(c.counts);
+    free(c.pins);
     if (c.failed) {
         LOG_ERROR("router: could not load the devices");
         router_stopped(NULL, rt);

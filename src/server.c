@@ -180,7 +180,7 @@ static int check_options(const tt_server_options *o)
         return -EINVAL;
     if (o->mqtt_links < 0 || o->mqtt_links > 64 || o->http_threads < 1 || o->http_threads > 4096 ||
         o->window < 1 || o->window > 1000 || o->dispatch_timeout_s < 1 || o->dispatch_timeout_s > 86400 ||
-        o->sched_threads < 0 || o->sched_threads > 256)
+        o->sched_threads < 0 || o->sched_threads > 256 || o->pin_cache_entries < 1)
         return -ERANGE;
     return 0;
 }

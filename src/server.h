@@ -11,6 +11,7 @@
 #include "actors/persist.h"
 #include "http/http.h"
 #include "mqtt/link.h"
+#include "mqtt/dynsec.h"
 #include "runtime/actor.h"
 #include "store/store.h"
 #include "taratxt/taratxt.h"
@@ -45,6 +46,7 @@ struct tt_server {
     rt_actor *persist;
     rt_actor *router;
     mqtt_links *links;
+    struct dynsec *dynsec;        /* broker ACL management, or NULL */
     http_server *http;
     _Atomic int store_ok;         /* cleared by persist on a failed write */
     persist_stats pstats;

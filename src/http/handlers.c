@@ -19,6 +19,7 @@
 #include "util/crypto.h"
 #include "util/log.h"
 #include "util/phone.h"
+#include "util/safeword.h"
 #include "util/sms.h"
 
 #define BODY_MAX (64 * 1024)
@@ -167,7 +168,7 @@ static json_t *view_device(tt_server *srv, uint64_t id, const char *name, uint64
     json_object_set_new(o, "created_at", jtime(created_at));
     json_object_set_new(o, "queue", json_pack("{sIsI}", "pending", (json_int_t)(pending > 0 ? pending : 0),
                                               "in_flight", (json_int_t)inflight));
-    json_object_set_new(o, "pins", json_integer(0));
+    json_object_set_new(o, "pins", json_integer(h ? (json_int_t)atomic_load_explicit(&h->pins, memory_order_relaxed) : 0));
     json_object_set_new(o, "rate_per_minute", json_integer((json_int_t)rate));
     json_object_set_new(o, "info", info);
     return o;
@@ -463,47 +464,6 @@ static void h_list_messages(http_req *r)
 
 /* ---- devices ------------------------------------------------------------------------- */
 
-static void h_post_devices(http_req *r)
-{
-    tt_server *srv = r->app;
-    json_t *b = r->body, *errs = json_array();
-    device_create c = {r->account_id, NULL, 30};
-    json_t *jn = json_object_get(b, "name");
-    if (!json_is_string(jn))
-        field_error(errs, "name", jn ? "must be a string" : "is required");
-    else if (json_string_length(jn) < 1 || json_string_length(jn) > 100)
-        field_error(errs, "name", "must be 1 to 100 characters");
-    json_t *jr = json_object_get(b, "rate_per_minute");
-    if (jr && !json_is_null(jr)) {
-        if (!json_is_integer(jr) || json_integer_value(jr) < 1 || json_integer_value(jr) > 600)
-            field_error(errs, "rate_per_minute", "must be an integer from 1 to 600");
-        else
-            c.rate_per_minute = (uint64_t)json_integer_value(jr);
-    }
-    if (json_array_size(errs)) {
-        http_reply_validation(r, errs);
-        return;
-    }
-    json_decref(errs);
-    c.name = (char *)json_string_value(jn);
-    rt_envelope *rep = call(r, srv->router, rt_codec_envelope(ROUTER_DEVICE_CREATE, PROTO_V1, &device_create_schema, &c));
-    if (!rep || reply_if_problem(r, rep))
-        return;
-    dev_reply d = {0};
-    if (rep->type != REPLY_DEVICE || rt_codec_decode_env(&dev_reply_schema, PROTO_V1, rep, &d) != 0) {
-        rt_envelope_free(rep);
-        http_reply_problem(r, 500, "internal_error", "unexpected reply");
-        return;
-    }
-    rt_envelope_free(rep);
-    json_t *o = view_device(srv, d.id, d.name, d.rate_per_minute, d.created_at);
-    json_object_set_new(o, "mqtt", view_mqtt(srv, d.id, d.password ? d.password : ""));
-    char loc[96];
-    snprintf(loc, sizeof(loc), "Location: /api/v1/devices/%" PRIu64 "\r\n", d.id);
-    http_reply_json(r, 201, o, loc);
-    rt_codec_free(&dev_reply_schema, &d);
-}
-
 /* A device of the request's account (0), or a 404 already sent (-1). */
 static int load_device(http_req *r, uint64_t id, dev_rec *d)
 {
@@ -582,6 +542,329 @@ static void h_list_devices(http_req *r)
     http_reply_json(r, 200, page(c.data, c.more, c.last), NULL);
 }
 
+
+/* ---- device changes ------------------------------------------------------------------- */
+
+/* Answers a REPLY_DEVICE with the device view (plus mqtt when it carries a password). */
+static void reply_device(http_req *r, rt_envelope *rep, int status)
+{
+    tt_server *srv = r->app;
+    dev_reply d = {0};
+    if (rep->type != REPLY_DEVICE || rt_codec_decode_env(&dev_reply_schema, PROTO_V1, rep, &d) != 0) {
+        rt_envelope_free(rep);
+        http_reply_problem(r, 500, "internal_error", "unexpected reply");
+        return;
+    }
+    rt_envelope_free(rep);
+    json_t *o = view_device(srv, d.id, d.name, d.rate_per_minute, d.created_at);
+    if (d.password)
+        json_object_set_new(o, "mqtt", view_mqtt(srv, d.id, d.password));
+    char loc[96];
+    snprintf(loc, sizeof(loc), "Location: /api/v1/devices/%" PRIu64 "\r\n", d.id);
+    http_reply_json(r, status, o, status == 201 ? loc : NULL);
+    rt_codec_free(&dev_reply_schema, &d);
+}
+
+static int device_rate(json_t *b, json_t *errs, uint64_t *rate)
+{
+    json_t *jr = json_object_get(b, "rate_per_minute");
+    if (!jr || json_is_null(jr))
+        return 0;
+    if (!json_is_integer(jr) || json_integer_value(jr) < 1 || json_integer_value(jr) > 600)
+        field_error(errs, "rate_per_minute", "must be an integer from 1 to 600");
+    else
+        *rate = (uint64_t)json_integer_value(jr);
+    return 0;
+}
+
+static int device_name(json_t *b, json_t *errs, const char **name, int required)
+{
+    json_t *jn = json_object_get(b, "name");
+    if (!jn || json_is_null(jn)) {
+        if (required)
+            field_error(errs, "name", "is required");
+    } else if (!json_is_string(jn)) {
+        field_error(errs, "name", "must be a string");
+    } else if (json_string_length(jn) < 1 || json_string_length(jn) > 100) {
+        field_error(errs, "name", "must be 1 to 100 characters");
+    } else {
+        *name = json_string_value(jn);
+    }
+    return 0;
+}
+
+/* Sends a device_patch-shaped request to the router and answers it. */
+static void device_call(http_req *r, uint16_t type, const char *name, uint64_t rate)
+{
+    tt_server *srv = r->app;
+    uint64_t id = parse_id(r->params[0]);
+    if (!id) {
+        http_reply_problem(r, 404, "not_found", "device %s not found", r->params[0]);
+        return;
+    }
+    device_patch p = {r->account_id, id, (char *)name, rate};
+    rt_envelope *rep = call(r, srv->router, rt_codec_envelope(type, PROTO_V1, &device_patch_schema, &p));
+    if (!rep || reply_if_problem(r, rep))
+        return;
+    if (type == ROUTER_DEVICE_DELETE) {
+        rt_envelope_free(rep);
+        http_reply_empty(r, 204);
+        return;
+    }
+    reply_device(r, rep, 200);
+}
+
+static void h_patch_device(http_req *r)
+{
+    json_t *errs = json_array();
+    const char *name = NULL;
+    uint64_t rate = 0;
+    device_name(r->body, errs, &name, 0);
+    device_rate(r->body, errs, &rate);
+    if (json_array_size(errs)) {
+        http_reply_validation(r, errs);
+        return;
+    }
+    json_decref(errs);
+    device_call(r, ROUTER_DEVICE_PATCH, name, rate);
+}
+
+static void h_post_devices(http_req *r)
+{
+    tt_server *srv = r->app;
+    json_t *errs = json_array();
+    device_create c = {r->account_id, NULL, 30};
+    const char *name = NULL;
+    device_name(r->body, errs, &name, 1);
+    device_rate(r->body, errs, &c.rate_per_minute);
+    if (json_array_size(errs)) {
+        http_reply_validation(r, errs);
+        return;
+    }
+    json_decref(errs);
+    c.name = (char *)name;
+    rt_envelope *rep = call(r, srv->router, rt_codec_envelope(ROUTER_DEVICE_CREATE, PROTO_V1, &device_create_schema, &c));
+    if (!rep || reply_if_problem(r, rep))
+        return;
+    reply_device(r, rep, 201);
+}
+
+static void h_delete_device(http_req *r) { device_call(r, ROUTER_DEVICE_DELETE, NULL, 0); }
+static void h_rotate_device(http_req *r) { device_call(r, ROUTER_DEVICE_ROTATE, NULL, 0); }
+
+/* ---- pins ------------------------------------------------------------------------------- */
+
+static json_t *view_pin(const pin_rec *p)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "number", json_string(p->number));
+    json_object_set_new(o, "device_id", json_integer((json_int_t)p->device_id));
+    json_object_set_new(o, "safe_word", json_string(p->safe_word));
+    json_object_set_new(o, "created_at", jtime(p->created_at));
+    json_object_set_new(o, "last_used_at", jtime(p->last_used_at));
+    return o;
+}
+
+/* The device of the path, of this account: its id, or 0 with a 404 sent. */
+static uint64_t own_device_id(http_req *r)
+{
+    tt_server *srv = r->app;
+    uint64_t id = parse_id(r->params[0]);
+    dev_handle *h = id ? devreg_get(&srv->reg, id) : NULL;
+    if (!h || h->account_id != r->account_id || atomic_load_explicit(&h->deleted, memory_order_relaxed)) {
+        http_reply_problem(r, 404, "not_found", "device %s not found", r->params[0]);
+        return 0;
+    }
+    return id;
+}
+
+/* The path's number, normalised (the raw and the normalised form both match). */
+static int path_number(http_req *r, char out[TT_PHONE_MAX])
+{
+    if (tt_phone_normalize(r->params[1], out) != 0) {
+        http_reply_problem(r, 404, "not_found", "no pin for %s", r->params[1]);
+        return -1;
+    }
+    return 0;
+}
+
+static void h_get_pin(http_req *r)
+{
+    tt_server *srv = r->app;
+    char number[TT_PHONE_MAX];
+    uint64_t dev = own_device_id(r);
+    if (!dev || path_number(r, number) != 0)
+        return;
+    pin_rec p = {0};
+    uint8_t k[KEY_MAX];
+    if (store_get(srv->store, k, key_u64_str(k, K_PIN, r->account_id, number), &pin_schema, &p) != 0 ||
+        p.device_id != dev) {
+        rt_codec_free(&pin_schema, &p);
+        http_reply_problem(r, 404, "not_found", "no pin for %s on device %" PRIu64, number, dev);
+        return;
+    }
+    http_reply_json(r, 200, view_pin(&p), NULL);
+    rt_codec_free(&pin_schema, &p);
+}
+
+typedef struct plist_ctx {
+    http_req *r;
+    json_t *data;
+    int limit, n, more;
+    char last[TT_PHONE_MAX];
+} plist_ctx;
+
+static int list_pin(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+{
+    plist_ctx *c = arg;
+    tt_server *srv = c->r->app;
+    if (klen <= 9 || klen - 9 >= TT_PHONE_MAX)
+        return 0;
+    if (c->n == c->limit) {
+        c->more = 1;
+        return 1;
+    }
+    char number[TT_PHONE_MAX];
+    memcpy(number, key + 9, klen - 9);
+    number[klen - 9] = 0;
+    pin_rec p = {0};
+    uint8_t k[KEY_MAX];
+    if (store_get(srv->store, k, key_u64_str(k, K_PIN, c->r->account_id, number), &pin_schema, &p) == 0) {
+        json_array_append_new(c->data, view_pin(&p));
+        rt_codec_free(&pin_schema, &p);
+        c->n++;
+        snprintf(c->last, sizeof(c->last), "%s", number);
+    }
+    return 0;
+}
+
+static void h_list_pins(http_req *r)
+{
+    tt_server *srv = r->app;
+    uint64_t dev = own_device_id(r);
+    if (!dev)
+        return;
+    json_t *errs = json_array();
+    plist_ctx c = {.r = r};
+    char buf[64];
+    c.limit = 50;
+    if (http_query(r, "limit", buf, sizeof(buf))) {
+        char *end;
+        long v = strtol(buf, &end, 10);
+        if (!*buf || *end || v < 1 || v > 500)
+            field_error(errs, "limit", "must be an integer from 1 to 500");
+        else
+            c.limit = (int)v;
+    }
+    const char *cursor = http_query(r, "cursor", buf, sizeof(buf));
+    if (cursor && (!*cursor || strlen(cursor) >= TT_PHONE_MAX))
+        field_error(errs, "cursor", "is not a cursor this server gave out");
+    if (json_array_size(errs)) {
+        http_reply_validation(r, errs);
+        return;
+    }
+    json_decref(errs);
+    c.data = json_array();
+    uint8_t prefix[KEY_MAX], start[KEY_MAX];
+    key_u64(prefix, K_DEVPIN, dev);
+    size_t slen = 0;
+    if (cursor) { /* just past the cursor's number */
+        slen = key_u64_str(start, K_DEVPIN, dev, cursor);
+        start[slen++] = 0;
+    }
+    store_scan(srv->store, prefix, 9, cursor ? start : NULL, slen, SIZE_MAX, list_pin, &c);
+    json_t *o = json_pack("{soso}", "data", c.data, "next_cursor", c.more ? json_string(c.last) : json_null());
+    http_reply_json(r, 200, o, NULL);
+}
+
+static void pin_call(http_req *r, uint64_t op, const char *number, const char *safe_word)
+{
+    tt_server *srv = r->app;
+    uint64_t dev = own_device_id(r);
+    if (!dev)
+        return;
+    pin_op p = {r->account_id, dev, op, (char *)number, (char *)safe_word};
+    rt_envelope *rep = call(r, srv->router, rt_codec_envelope(ROUTER_PIN_OP, PROTO_V1, &pin_op_schema, &p));
+    if (!rep || reply_if_problem(r, rep))
+        return;
+    if (rep->type == REPLY_OK) {
+        rt_envelope_free(rep);
+        http_reply_empty(r, 204);
+        return;
+    }
+    pin_rec pr = {0};
+    if (rep->type != REPLY_PIN || rt_codec_decode_env(&pin_schema, PROTO_V1, rep, &pr) != 0) {
+        rt_envelope_free(rep);
+        http_reply_problem(r, 500, "internal_error", "unexpected reply");
+        return;
+    }
+    rt_envelope_free(rep);
+    http_reply_json(r, 200, view_pin(&pr), NULL);
+    rt_codec_free(&pin_schema, &pr);
+}
+
+static void h_reset_pins(http_req *r) { pin_call(r, PIN_RESET_ALL, NULL, NULL); }
+
+static void h_reset_pin(http_req *r)
+{
+    char number[TT_PHONE_MAX];
+    if (own_device_id(r) && path_number(r, number) == 0)
+        pin_call(r, PIN_RESET_ONE, number, NULL);
+}
+
+static void h_regenerate_pin(http_req *r)
+{
+    char number[TT_PHONE_MAX];
+    if (own_device_id(r) && path_number(r, number) == 0)
+        pin_call(r, PIN_REGENERATE, number, NULL);
+}
+
+static void h_patch_pin(http_req *r)
+{
+    json_t *sw = json_object_get(r->body, "safe_word");
+    if (!json_is_string(sw) || !tt_safeword_valid(json_string_value(sw))) {
+        json_t *errs = json_array();
+        field_error(errs, "safe_word",
+                    sw ? "must be 4 to 64 characters of letters, digits, '-', '_' and space" : "is required");
+        http_reply_validation(r, errs);
+        return;
+    }
+    char number[TT_PHONE_MAX];
+    if (own_device_id(r) && path_number(r, number) == 0)
+        pin_call(r, PIN_EDIT, number, json_string_value(sw));
+}
+
+/* ---- cancel --------------------------------------------------------------------------- */
+
+static void h_cancel_message(http_req *r)
+{
+    tt_server *srv = r->app;
+    msg_rec m = {0};
+    if (load_message(r, parse_id(r->params[0]), &m) != 0)
+        return;
+    dev_handle *h = devreg_get(&srv->reg, m.device_id);
+    if (m.direction != DIR_OUTBOUND || m.status != ST_PENDING || m.dispatched_at || !h) {
+        http_reply_problem(r, 409, "not_cancellable", "message %" PRIu64 " is %s%s; only a pending message not yet "
+                           "handed to its device can be cancelled", m.id, msg_status_name(m.status),
+                           m.status == ST_PENDING ? " and already handed to its device" : "");
+        rt_codec_free(&msg_schema, &m);
+        return;
+    }
+    dev_cancel c = {r->account_id, m.id};
+    rt_codec_free(&msg_schema, &m);
+    rt_envelope *rep = call(r, h->actor, rt_codec_envelope(DEV_CANCEL, PROTO_V1, &dev_cancel_schema, &c));
+    if (!rep || reply_if_problem(r, rep))
+        return;
+    if (rep->type != REPLY_MESSAGE || rt_codec_decode_env(&msg_schema, PROTO_V1, rep, &m) != 0) {
+        rt_envelope_free(rep);
+        http_reply_problem(r, 500, "internal_error", "unexpected reply");
+        return;
+    }
+    rt_envelope_free(rep);
+    http_reply_json(r, 200, view_message(&m), NULL);
+    rt_codec_free(&msg_schema, &m);
+}
+
 /* ---- operations ------------------------------------------------------------------------ */
 
 static void h_healthz(http_req *r)
@@ -609,6 +892,16 @@ static const http_route routes[] = {
     {"GET", "/api/v1/devices", h_list_devices, 1, 0},
     {"GET", "/api/v1/devices/{id}", h_get_device, 1, 0},
     {"POST", "/api/v1/devices/{id}/messages", h_post_device_messages, 1, BODY_MAX},
+    {"DELETE", "/api/v1/messages/{id}", h_cancel_message, 1, 0},
+    {"PATCH", "/api/v1/devices/{id}", h_patch_device, 1, BODY_MAX},
+    {"DELETE", "/api/v1/devices/{id}", h_delete_device, 1, 0},
+    {"POST", "/api/v1/devices/{id}/credentials", h_rotate_device, 1, BODY_MAX},
+    {"GET", "/api/v1/devices/{id}/pins", h_list_pins, 1, 0},
+    {"DELETE", "/api/v1/devices/{id}/pins", h_reset_pins, 1, 0},
+    {"GET", "/api/v1/devices/{id}/pins/{number}", h_get_pin, 1, 0},
+    {"DELETE", "/api/v1/devices/{id}/pins/{number}", h_reset_pin, 1, 0},
+    {"PATCH", "/api/v1/devices/{id}/pins/{number}", h_patch_pin, 1, BODY_MAX},
+    {"POST", "/api/v1/devices/{id}/pins/{number}/safe-word", h_regenerate_pin, 1, BODY_MAX},
 };
 
 const http_route *handlers_routes(size_t *n)

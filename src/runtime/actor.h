@@ -39,9 +39,13 @@ rt_sched *rt_sched_new(int nthreads);
 int rt_sched_start(rt_sched *s);
 /* Drains: returns once every mailbox is empty and no actor runs, then stops
  * the pool threads, dedicated threads and the timer thread. Envelopes sent
- * while draining are still handled. Pending timers are dropped. */
+ * while draining are still handled. Pending timers are dropped.
+ * Sends between actors are tracked; threads that are not actors should stop
+ * sending first. Not from an actor; calling it again does nothing. */
 void rt_sched_stop(rt_sched *s);
-/* Frees the scheduler and every actor made on it (after rt_sched_stop). */
+/* Frees the scheduler and every actor made on it (after rt_sched_stop, which
+ * it calls if needed), with any envelope still queued. Only once no thread
+ * can send to those actors any more. */
 void rt_sched_free(rt_sched *s);
 
 /* kind: a short static label (for metrics: "router", "device", ...). */
@@ -58,7 +62,9 @@ rt_mailbox *rt_actor_mailbox(rt_actor *a);
 const char *rt_actor_kind(const rt_actor *a);
 void *rt_actor_state(rt_actor *a);
 
-/* Delivers an envelope {type, version 1, no payload, corr = arg} at due_ms. */
+/* Delivers an envelope {type, version 1, no payload, corr = arg} at due_ms.
+ * Timers due at the same time are sent in the order set, unless a full
+ * mailbox made one wait for its retry. 0 or -ENOMEM. */
 int rt_timer_at(rt_sched *s, rt_actor *to, int64_t due_ms, uint16_t type, uint64_t arg);
 
 /* Sum of mailbox depths per kind, for metrics: calls fn(kind, depth) once per
@@ -71,6 +77,10 @@ void rt_sched_depths(rt_sched *s, void (*fn)(const char *kind, uint64_t depth, v
  * with another corr (answers to earlier requests given up on) are freed. */
 typedef struct rt_waiter rt_waiter;
 rt_waiter *rt_waiter_new(void);
+/* Only once no actor can push to it any more, e.g. after rt_sched_stop.
+ * Having received every reply is not enough: the actor that pushed the last
+ * one may still be inside that push (waking the waiter) when the waiting
+ * thread returns with it. */
 void rt_waiter_free(rt_waiter *w);
 rt_mailbox *rt_waiter_mailbox(rt_waiter *w);
 /* Returns the reply, or NULL after timeout_ms (timeout_ms < 0: no limit). */

@@ -42,7 +42,8 @@ typedef struct rt_schema {
 #define RT_FIELD(st, member, ftype) { #member, ftype, offsetof(st, member) }
 #define RT_SCHEMA(nm, arr) { nm, arr, sizeof(arr) / sizeof((arr)[0]) }
 
-/* Encodes *obj into a malloc'd buffer (*out, *outlen). 0 or -ENOMEM. */
+/* Encodes *obj into a malloc'd buffer (*out, *outlen). 0 or -ENOMEM
+ * (-EINVAL for a NULL in an RT_F_STR field: a caller's bug, not nil). */
 int rt_codec_encode(const rt_schema *s, const void *obj, char **out, size_t *outlen);
 /* Decodes buf into *obj (which it zeroes first). 0, or -EINVAL when the
  * payload is not an array of exactly the schema's fields with their types;
@@ -51,7 +52,8 @@ int rt_codec_decode(const rt_schema *s, const void *buf, size_t len, void *obj);
 /* Frees the strings and bins of a decoded object and zeroes those fields. */
 void rt_codec_free(const rt_schema *s, void *obj);
 
-/* Convenience: encode obj and wrap it in a new envelope. NULL on ENOMEM. */
+/* Convenience: encode obj and wrap it in a new envelope. NULL on ENOMEM
+ * (or on the -EINVAL above). */
 rt_envelope *rt_codec_envelope(uint16_t type, uint16_t version, const rt_schema *s, const void *obj);
 /* Convenience: decode an envelope's payload, checking its version too. */
 int rt_codec_decode_env(const rt_schema *s, uint16_t version, const rt_envelope *env, void *obj);

@@ -66,6 +66,16 @@ static const rt_field devlive_fields[] = {
 };
 const rt_schema devlive_schema = RT_SCHEMA("devlive", devlive_fields);
 
+static const rt_field pin_fields[] = {
+    RT_FIELD(pin_rec, v, RT_F_U64),
+    RT_FIELD(pin_rec, number, RT_F_STR),
+    RT_FIELD(pin_rec, device_id, RT_F_U64),
+    RT_FIELD(pin_rec, safe_word, RT_F_STR),
+    RT_FIELD(pin_rec, created_at, RT_F_I64),
+    RT_FIELD(pin_rec, last_used_at, RT_F_I64),
+};
+const rt_schema pin_schema = RT_SCHEMA("pin", pin_fields);
+
 static const rt_field acct_fields[] = {
     RT_FIELD(acct_rec, v, RT_F_U64),
     RT_FIELD(acct_rec, id, RT_F_U64),
@@ -188,6 +198,17 @@ size_t key_queue(uint8_t *out, uint64_t device, uint64_t prio, uint64_t id)
 size_t key_acctmsg(uint8_t *out, uint64_t account, uint64_t id)
 {
     return key_u64x2(out, K_ACCTMSG, account, ~id);
+}
+
+size_t key_u64_str(uint8_t *out, char tag, uint64_t a, const char *s)
+{
+    size_t n = strlen(s);
+    if (n > 64)
+        n = 64;
+    out[0] = (uint8_t)tag;
+    key_put_u64(out + 1, a);
+    memcpy(out + 9, s, n);
+    return 9 + n;
 }
 
 size_t key_tokhash(uint8_t *out, const uint8_t hash[32])

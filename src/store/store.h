@@ -23,9 +23,13 @@
 #define K_TOKEN   'K'   /* K token_id           -> tok_rec */
 #define K_TOKHASH 'T'   /* T hash(32)           -> token_id (8) */
 #define K_DEVLIVE 'I'   /* I device             -> devlive_rec (written by the device actor) */
+#define K_SENT    'S'   /* S device id          -> "" (sent, awaiting a final report) */
+#define K_PIN     'P'   /* P account number     -> pin_rec */
+#define K_DEVPIN  'p'   /* p device number      -> "" (a device's pins, by number) */
+#define K_INBOUND 'N'   /* N device inbound-id  -> message id (8), inbound dedupe */
 #define K_META    'Z'   /* Z name               -> value */
 
-#define KEY_MAX 64
+#define KEY_MAX 80
 
 typedef struct tt_store tt_store;
 
@@ -81,6 +85,15 @@ typedef struct devlive_rec {
     char *info;            /* last online status payload (JSON text), or NULL */
 } devlive_rec;
 
+typedef struct pin_rec {
+    uint64_t v;
+    char *number;
+    uint64_t device_id;
+    char *safe_word;
+    int64_t created_at;
+    int64_t last_used_at;  /* 0: never */
+} pin_rec;
+
 typedef struct acct_rec {
     uint64_t v;
     uint64_t id;
@@ -103,6 +116,7 @@ extern const rt_schema msg_schema;
 extern const rt_schema dev_schema;
 extern const rt_schema acct_schema;
 extern const rt_schema devlive_schema;
+extern const rt_schema pin_schema;
 extern const rt_schema tok_schema;
 
 const char *msg_status_name(uint64_t st);
@@ -124,6 +138,8 @@ size_t key_u64x2(uint8_t *out, char tag, uint64_t a, uint64_t b);
 size_t key_queue(uint8_t *out, uint64_t device, uint64_t prio, uint64_t id);
 size_t key_acctmsg(uint8_t *out, uint64_t account, uint64_t id);
 size_t key_tokhash(uint8_t *out, const uint8_t hash[32]);
+/* tag + u64 + string (number or inbound id, at most 64 bytes). */
+size_t key_u64_str(uint8_t *out, char tag, uint64_t a, const char *s);
 uint64_t key_get_u64(const uint8_t *p);
 void key_put_u64(uint8_t *p, uint64_t v);
 
