@@ -2,7 +2,13 @@
 #include "actors/proto.h"
 
 #include <stdarg.h>
+#include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "actors/persist.h"
+#include "util/clock.h"
 
 #include "util/log.h"
 
@@ -24,6 +30,9 @@ static const rt_field submit_fields[] = {
     RT_FIELD(submit, ttl_s, RT_F_I64),
     RT_FIELD(submit, encoding, RT_F_U64),
     RT_FIELD(submit, segments, RT_F_U64),
+    RT_FIELD(submit, idem_key, RT_F_NSTR),
+    RT_FIELD(submit, idem_route, RT_F_U64),
+    RT_FIELD(submit, idem_hash, RT_F_BIN),
 };
 const rt_schema submit_schema = RT_SCHEMA("submit", submit_fields);
 
@@ -88,6 +97,42 @@ static const rt_field dev_cancel_fields[] = {
     RT_FIELD(dev_cancel, message_id, RT_F_U64),
 };
 const rt_schema dev_cancel_schema = RT_SCHEMA("dev_cancel", dev_cancel_fields);
+
+static const rt_field idem_fields[] = {
+    RT_FIELD(idem_rec, v, RT_F_U64),
+    RT_FIELD(idem_rec, hash, RT_F_BIN),
+    RT_FIELD(idem_rec, status, RT_F_U64),
+    RT_FIELD(idem_rec, reply_type, RT_F_U64),
+    RT_FIELD(idem_rec, payload, RT_F_BIN),
+    RT_FIELD(idem_rec, created_at, RT_F_I64),
+};
+const rt_schema idem_schema = RT_SCHEMA("idem", idem_fields);
+
+size_t key_idem(uint8_t *out, uint64_t account_id, uint64_t route, const char *key)
+{
+    size_t n = strlen(key);
+    if (n > 255)
+        n = 255;
+    out[0] = 'X';
+    key_put_u64(out + 1, account_id);
+    out[9] = (uint8_t)route;
+    memcpy(out + 10, key, n);
+    return 10 + n;
+}
+
+int idem_put(void *q, uint64_t account_id, uint64_t route, const char *key, const rt_bin *hash, uint64_t status,
+             uint16_t reply_type, const void *payload, size_t len)
+{
+    idem_rec r = {1, *hash, status, reply_type, {(void *)payload, len}, tt_now_ms()};
+    char *val;
+    size_t vlen;
+    if (rt_codec_encode(&idem_schema, &r, &val, &vlen) != 0)
+        return -ENOMEM;
+    uint8_t k[IDEM_KEY_MAX];
+    preq_put(q, k, key_idem(k, account_id, route, key), val, vlen);
+    free(val);
+    return 0;
+}
 
 void proto_reply(const rt_envelope *req, uint16_t type, const rt_schema *s, const void *obj)
 {

@@ -72,6 +72,9 @@ typedef struct submit {
     int64_t ttl_s;
     uint64_t encoding;
     uint64_t segments;
+    char *idem_key;       /* Idempotency-Key, or NULL */
+    uint64_t idem_route;
+    rt_bin idem_hash;     /* hash of the request body as parsed JSON */
 } submit;
 extern const rt_schema submit_schema;
 
@@ -140,6 +143,25 @@ typedef struct dev_cancel {
     uint64_t message_id;
 } dev_cancel;
 extern const rt_schema dev_cancel_schema;
+
+/* Idempotency: what a request's first response was (API.md 1). Stored under
+ * X account route key, in the same commit as what the request created. */
+enum { IDEM_MESSAGES = 1, IDEM_DEVICE_MESSAGES = 2, IDEM_BATCH = 3, IDEM_OTP = 4 };
+typedef struct idem_rec {
+    uint64_t v;
+    rt_bin hash;
+    uint64_t status;
+    uint64_t reply_type;  /* REPLY_MESSAGE, REPLY_PROBLEM, REPLY_BATCH, ... */
+    rt_bin payload;
+    int64_t created_at;
+} idem_rec;
+extern const rt_schema idem_schema;
+#define IDEM_TTL_MS (24LL * 3600 * 1000)
+#define IDEM_KEY_MAX (10 + 255)
+size_t key_idem(uint8_t *out, uint64_t account_id, uint64_t route, const char *key);
+/* Adds the idempotency record of a finished request to q. */
+int idem_put(void *q /* preq */, uint64_t account_id, uint64_t route, const char *key, const rt_bin *hash,
+             uint64_t status, uint16_t reply_type, const void *payload, size_t len);
 
 /* Sends a problem reply to env's reply mailbox (if any) and frees nothing. */
 void proto_reply_problem(const rt_envelope *req, int status, const char *code, const char *fmt, ...)

@@ -331,6 +331,37 @@ static int commit(router *rt, preq *q, dev_handle **hs, size_t nh)
     return -EAGAIN;
 }
 
+/* Encodes an outcome as a problem payload (malloc'd). */
+static int encode_outcome(const outcome *o, char **buf, size_t *len)
+{
+    problem p = {(uint64_t)o->status, (char *)o->code, (char *)o->detail};
+    return rt_codec_encode(&problem_schema, &p, buf, len);
+}
+
+/* A routing failure of an idempotent request is an answer too (API.md 1):
+ * stored, then replied, unless it is a 5xx or a 429. */
+static void reply_failure(router *rt, const rt_envelope *env, const submit *s, const outcome *o)
+{
+    char *buf;
+    size_t len;
+    preq *q;
+    if (!s->idem_key || o->status >= 500 || o->status == 429 || encode_outcome(o, &buf, &len) != 0) {
+        reply_outcome(env, o);
+        return;
+    }
+    q = preq_new();
+    if (!q || idem_put(q, s->account_id, s->idem_route, s->idem_key, &s->idem_hash, (uint64_t)o->status,
+                       REPLY_PROBLEM, buf, len) != 0) {
+        preq_free(q);
+        reply_outcome(env, o);
+    } else {
+        preq_post(q, env->reply, env->corr, REPLY_PROBLEM, REPLY_STORE_FAILED, buf, len);
+        if (commit(rt, q, NULL, 0) != 0)
+            proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
+    }
+    free(buf);
+}
+
 static void on_submit(router *rt, rt_envelope *env)
 {
     submit s = {0};
@@ -349,8 +380,10 @@ static void on_submit(router *rt, rt_envelope *env)
         /* A pin made in q before the failure is not stored: forget it. */
         pincache_remove(rt->pins, s.account_id, s.to);
         preq_free(q);
-        reply_outcome(env, &o);
+        reply_failure(rt, env, &s, &o);
     } else {
+        if (s.idem_key)
+            idem_put(q, s.account_id, s.idem_route, s.idem_key, &s.idem_hash, 202, REPLY_MESSAGE, val, vlen);
         preq_post(q, env->reply, env->corr, REPLY_MESSAGE, REPLY_STORE_FAILED, val, vlen);
         if (commit(rt, q, &h, 1) != 0) {
             pincache_remove(rt->pins, s.account_id, s.to);
@@ -361,81 +394,91 @@ static void on_submit(router *rt, rt_envelope *env)
     rt_codec_free(&submit_schema, &s);
 }
 
-/* A batch: every item routed in order into one commit; the reply lists one
- * [status, message-or-problem] per item. */
+/* A batch: [account, idem_key|nil, idem_hash|nil, idem_route, [[kind, bin]...]] where
+ * kind 0 is an encoded submit and kind 1 an item the edge found invalid
+ * (bin: its errors as JSON text, echoed back). Valid items are routed in
+ * order into one commit; the reply is [[status, bin]...], one per item:
+ * 202 with the message, 422 with the echoed errors, else a problem. */
 static void on_batch(router *rt, rt_envelope *env)
 {
     msgpack_unpacked u;
     msgpack_unpacked_init(&u);
     size_t off = 0;
-    if (msgpack_unpack_next(&u, env->data, env->len, &off) != MSGPACK_UNPACK_SUCCESS ||
-        u.data.type != MSGPACK_OBJECT_ARRAY) {
+    msgpack_object *f = NULL;
+    if (msgpack_unpack_next(&u, env->data, env->len, &off) == MSGPACK_UNPACK_SUCCESS &&
+        u.data.type == MSGPACK_OBJECT_ARRAY && u.data.via.array.size == 5 &&
+        u.data.via.array.ptr[0].type == MSGPACK_OBJECT_POSITIVE_INTEGER)
+        f = u.data.via.array.ptr + 1;
+    uint64_t account_id = f ? u.data.via.array.ptr[0].via.u64 : 0;
+    if (!f || f[3].type != MSGPACK_OBJECT_ARRAY || f[2].type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
+        (f[0].type != MSGPACK_OBJECT_NIL && f[0].type != MSGPACK_OBJECT_STR) ||
+        (f[1].type != MSGPACK_OBJECT_NIL && f[1].type != MSGPACK_OBJECT_BIN)) {
         msgpack_unpacked_destroy(&u);
         proto_reply_problem(env, 500, "internal_error", "malformed batch");
         return;
     }
-    msgpack_object_array items = u.data.via.array;
+    char *idem_key = f[0].type == MSGPACK_OBJECT_STR ? strndup(f[0].via.str.ptr, f[0].via.str.size) : NULL;
+    rt_bin idem_hash = {f[1].type == MSGPACK_OBJECT_BIN ? (void *)f[1].via.bin.ptr : NULL,
+                        f[1].type == MSGPACK_OBJECT_BIN ? f[1].via.bin.size : 0};
+    msgpack_object_array items = f[3].via.array;
     preq *q = preq_new();
     dev_handle **hs = calloc(items.size ? items.size : 1, sizeof(*hs));
-    char **pinned = calloc(items.size ? items.size : 1, sizeof(*pinned));
     msgpack_sbuffer sb;
     msgpack_packer pk;
     msgpack_sbuffer_init(&sb);
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
     size_t nh = 0;
-    if (!q || !hs || !pinned) {
+    if (!q || !hs) {
         proto_reply_problem(env, 503, "overloaded", "out of memory");
         goto out;
     }
     msgpack_pack_array(&pk, items.size);
     for (uint32_t i = 0; i < items.size; i++) {
+        msgpack_object it = items.ptr[i];
+        msgpack_object *kv = it.type == MSGPACK_OBJECT_ARRAY && it.via.array.size == 2 ? it.via.array.ptr : NULL;
+        msgpack_pack_array(&pk, 2);
+        if (kv && kv[0].type == MSGPACK_OBJECT_POSITIVE_INTEGER && kv[0].via.u64 == 1 &&
+            kv[1].type == MSGPACK_OBJECT_BIN) {
+            msgpack_pack_uint64(&pk, 422);
+            msgpack_pack_bin(&pk, kv[1].via.bin.size);
+            msgpack_pack_bin_body(&pk, kv[1].via.bin.ptr, kv[1].via.bin.size);
+            continue;
+        }
         submit s = {0};
         outcome o = {500, "internal_error", "malformed batch item"};
         char *val = NULL;
         size_t vlen = 0;
         dev_handle *h = NULL;
-        msgpack_object it = items.ptr[i];
-        int ok = it.type == MSGPACK_OBJECT_BIN &&
-                 rt_codec_decode(&submit_schema, it.via.bin.ptr, it.via.bin.size, &s) == 0 &&
+        int ok = kv && kv[1].type == MSGPACK_OBJECT_BIN &&
+                 rt_codec_decode(&submit_schema, kv[1].via.bin.ptr, kv[1].via.bin.size, &s) == 0 &&
                  route_one(rt, &s, q, &val, &vlen, &h, &o) == 0;
-        msgpack_pack_array(&pk, 2);
         if (ok) {
             hs[nh++] = h;
             msgpack_pack_uint64(&pk, 202);
             msgpack_pack_bin(&pk, vlen);
             msgpack_pack_bin_body(&pk, val, vlen);
         } else {
-            problem p = {(uint64_t)o.status, (char *)o.code, o.detail};
-            char *pb;
-            size_t plen;
+            char *pb = NULL;
+            size_t plen = 0;
+            encode_outcome(&o, &pb, &plen);
             msgpack_pack_uint64(&pk, (uint64_t)o.status);
-            if (rt_codec_encode(&problem_schema, &p, &pb, &plen) == 0) {
-                msgpack_pack_bin(&pk, plen);
-                msgpack_pack_bin_body(&pk, pb, plen);
-                free(pb);
-            } else {
-                msgpack_pack_bin(&pk, 0);
-            }
+            msgpack_pack_bin(&pk, plen);
+            msgpack_pack_bin_body(&pk, pb, plen);
+            free(pb);
         }
-        if (s.to && ok)
-            pinned[i] = strdup(s.to);
         free(val);
         rt_codec_free(&submit_schema, &s);
     }
+    if (idem_key)
+        idem_put(q, account_id, IDEM_BATCH, idem_key, &idem_hash, 207, REPLY_BATCH, sb.data, sb.size);
     preq_post(q, env->reply, env->corr, REPLY_BATCH, REPLY_STORE_FAILED, sb.data, sb.size);
-    if (commit(rt, q, hs, nh) != 0) {
+    if (commit(rt, q, hs, nh) != 0)
         proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
-        /* Pins made for the batch were not stored. */
-        pincache *c = rt->pins;
-        (void)c;
-    }
     q = NULL;
 out:
     preq_free(q);
-    for (uint32_t i = 0; pinned && i < items.size; i++)
-        free(pinned[i]);
-    free(pinned);
     free(hs);
+    free(idem_key);
     msgpack_sbuffer_destroy(&sb);
     msgpack_unpacked_destroy(&u);
 }

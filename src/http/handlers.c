@@ -6,6 +6,7 @@
 #include "http/handlers.h"
 
 #include <errno.h>
+#include <msgpack.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -204,18 +205,176 @@ static uint64_t parse_id(const char *s)
     return v < (1ULL << 53) ? v : 0;
 }
 
-/* ---- messages ------------------------------------------------------------------------ */
 
-static void send_message(http_req *r, uint64_t path_device)
+/* ---- idempotency (API.md 1) -------------------------------------------------------- */
+
+/* Requests running under a key, so that a second one gets 409 rather than
+ * creating twice. Small: at most one per HTTP worker. */
+static pthread_mutex_t idem_mu = PTHREAD_MUTEX_INITIALIZER;
+static char **idem_running;
+static size_t idem_nrunning, idem_caprunning;
+
+typedef struct idem_ctx {
+    const char *key;           /* NULL: no Idempotency-Key */
+    uint8_t route;
+    uint8_t hash[TT_HASH_BYTES];
+    char *slot;                /* our entry in idem_running */
+} idem_ctx;
+
+static char *idem_slot_name(uint64_t account, uint8_t route, const char *key)
+{
+    size_t n = strlen(key) + 48;
+    char *s = malloc(n);
+    if (s)
+        snprintf(s, n, "%" PRIu64 "/%u/%s", account, (unsigned)route, key);
+    return s;
+}
+
+static int idem_claim(char *name)
+{
+    pthread_mutex_lock(&idem_mu);
+    for (size_t i = 0; i < idem_nrunning; i++)
+        if (!strcmp(idem_running[i], name)) {
+            pthread_mutex_unlock(&idem_mu);
+            return -EBUSY;
+        }
+    if (idem_nrunning == idem_caprunning) {
+        size_t cap = idem_caprunning ? idem_caprunning * 2 : 64;
+        char **v = realloc(idem_running, cap * sizeof(*v));
+        if (!v) {
+            pthread_mutex_unlock(&idem_mu);
+            return -ENOMEM;
+        }
+        idem_running = v;
+        idem_caprunning = cap;
+    }
+    idem_running[idem_nrunning++] = name;
+    pthread_mutex_unlock(&idem_mu);
+    return 0;
+}
+
+static void idem_end(idem_ctx *ic)
+{
+    if (!ic->slot)
+        return;
+    pthread_mutex_lock(&idem_mu);
+    for (size_t i = 0; i < idem_nrunning; i++)
+        if (idem_running[i] == ic->slot) {
+            idem_running[i] = idem_running[--idem_nrunning];
+            break;
+        }
+    pthread_mutex_unlock(&idem_mu);
+    free(ic->slot);
+    ic->slot = NULL;
+}
+
+static void render_batch(http_req *r, const char *payload, size_t len);
+static void reply_message(http_req *r, const msg_rec *m);
+
+/* Answers again what a stored first response said. */
+static void idem_replay(http_req *r, const idem_rec *rec)
+{
+    msg_rec m = {0};
+    problem p = {0};
+    switch (rec->reply_type) {
+    case REPLY_MESSAGE:
+        if (rt_codec_decode(&msg_schema, rec->payload.ptr, rec->payload.len, &m) == 0) {
+            reply_message(r, &m);
+            rt_codec_free(&msg_schema, &m);
+            return;
+        }
+        break;
+    case REPLY_BATCH:
+        render_batch(r, rec->payload.ptr, rec->payload.len);
+        return;
+    case REPLY_PROBLEM:
+        if (rt_codec_decode(&problem_schema, rec->payload.ptr, rec->payload.len, &p) == 0) {
+            http_reply_problem_ex(r, (int)rec->status, p.code, p.detail, NULL, NULL);
+            rt_codec_free(&problem_schema, &p);
+            return;
+        }
+        break;
+    }
+    http_reply_problem(r, 500, "internal_error", "a stored response could not be read");
+}
+
+/* Before a request runs: validates the Idempotency-Key header, refuses a key
+ * in use or reused with another body, and replays a stored first response.
+ * Returns 0 to run the request (ic->key set when it has a key), or 1 when a
+ * response was sent. */
+static int idem_begin(http_req *r, uint8_t route, idem_ctx *ic)
 {
     tt_server *srv = r->app;
-    json_t *b = r->body, *errs = json_array();
-    submit s = {0};
-    char to[TT_PHONE_MAX];
-    s.account_id = r->account_id;
-    s.priority = PRIO_NORMAL;
-    s.ttl_s = 86400;
+    memset(ic, 0, sizeof(*ic));
+    const char *key = http_header(r, "Idempotency-Key");
+    if (!key)
+        return 0;
+    size_t n = strlen(key);
+    int ok = n >= 1 && n <= 255;
+    for (size_t i = 0; ok && i < n; i++)
+        ok = key[i] >= 0x20 && key[i] <= 0x7e;
+    if (!ok) {
+        json_t *errs = json_array();
+        field_error(errs, "Idempotency-Key", "must be 1 to 255 printable ASCII characters");
+        http_reply_validation(r, errs);
+        return 1;
+    }
+    char *canon = json_dumps(r->body, JSON_COMPACT | JSON_SORT_KEYS);
+    if (!canon) {
+        http_reply_problem_ex(r, 503, "overloaded", "out of memory", NULL, "Retry-After: 1\r\n");
+        return 1;
+    }
+    tt_hash(NULL, canon, strlen(canon), ic->hash);
+    free(canon);
+    ic->key = key;
+    ic->route = route;
+    ic->slot = idem_slot_name(r->account_id, route, key);
+    int rc = ic->slot ? idem_claim(ic->slot) : -ENOMEM;
+    if (rc) {
+        free(ic->slot);
+        ic->slot = NULL;
+        if (rc == -EBUSY)
+            http_reply_problem(r, 409, "idempotency_key_in_use",
+                               "a request with this Idempotency-Key is still running; retry when it has finished");
+        else
+            http_reply_problem_ex(r, 503, "overloaded", "out of memory", NULL, "Retry-After: 1\r\n");
+        return 1;
+    }
+    idem_rec rec = {0};
+    uint8_t k[IDEM_KEY_MAX];
+    if (store_get(srv->store, k, key_idem(k, r->account_id, route, key), &idem_schema, &rec) == 0) {
+        int fresh = rec.created_at + IDEM_TTL_MS > tt_now_ms();
+        if (fresh && (rec.hash.len != TT_HASH_BYTES || !tt_equal_ct(rec.hash.ptr, ic->hash, TT_HASH_BYTES)))
+            http_reply_problem(r, 422, "idempotency_key_reused",
+                               "this Idempotency-Key was used with a different request body");
+        else if (fresh)
+            idem_replay(r, &rec);
+        rt_codec_free(&idem_schema, &rec);
+        if (fresh) {
+            idem_end(ic);
+            return 1;
+        }
+    }
+    return 0;
+}
 
+static void idem_fill(const idem_ctx *ic, submit *s)
+{
+    if (!ic->key)
+        return;
+    s->idem_key = (char *)ic->key;
+    s->idem_route = ic->route;
+    s->idem_hash = (rt_bin){(void *)ic->hash, TT_HASH_BYTES};
+}
+
+/* ---- messages ------------------------------------------------------------------------ */
+
+/* Validates one message request (a POST body or a batch item) into s; the
+ * strings point into b and into to. Errors go to errs. */
+static void parse_submit(json_t *b, int allow_device, submit *s, char to[TT_PHONE_MAX], json_t *errs)
+{
+    s->priority = PRIO_NORMAL;
+    s->ttl_s = 86400;
     json_t *jto = json_object_get(b, "to");
     if (!json_is_string(jto))
         field_error(errs, "to", jto ? "must be a string" : "is required");
@@ -231,13 +390,13 @@ static void send_message(http_req *r, uint64_t path_device)
     else if (info.codepoints < 1 || info.codepoints > TEXT_MAX_CP)
         field_error(errs, "message", "must be 1 to 1600 characters");
 
-    if (!path_device) {
+    if (allow_device) {
         json_t *jd = json_object_get(b, "device_id");
         if (jd && !json_is_null(jd)) {
             if (!json_is_integer(jd) || json_integer_value(jd) < 1)
                 field_error(errs, "device_id", "must be a positive integer");
             else
-                s.device_id = (uint64_t)json_integer_value(jd);
+                s->device_id = (uint64_t)json_integer_value(jd);
         }
     }
     json_t *jf = json_object_get(b, "force");
@@ -245,13 +404,13 @@ static void send_message(http_req *r, uint64_t path_device)
         if (!json_is_boolean(jf))
             field_error(errs, "force", "must be true or false");
         else
-            s.force = json_is_true(jf);
+            s->force = json_is_true(jf);
     }
     json_t *jp = json_object_get(b, "priority");
     if (jp && !json_is_null(jp)) {
         const char *p = json_is_string(jp) ? json_string_value(jp) : NULL;
         if (p && !strcmp(p, "high"))
-            s.priority = PRIO_HIGH;
+            s->priority = PRIO_HIGH;
         else if (!p || strcmp(p, "normal") != 0)
             field_error(errs, "priority", "must be \"normal\" or \"high\"");
     }
@@ -260,35 +419,177 @@ static void send_message(http_req *r, uint64_t path_device)
         if (!json_is_integer(jt) || json_integer_value(jt) < 10 || json_integer_value(jt) > 604800)
             field_error(errs, "ttl", "must be an integer from 10 to 604800 (seconds)");
         else
-            s.ttl_s = json_integer_value(jt);
+            s->ttl_s = json_integer_value(jt);
     }
+    s->to = to;
+    s->text = json_is_string(jm) ? (char *)json_string_value(jm) : NULL;
+    s->encoding = info.encoding;
+    s->segments = info.segments;
+}
+
+static void reply_message(http_req *r, const msg_rec *m)
+{
+    char loc[96];
+    snprintf(loc, sizeof(loc), "Location: /api/v1/messages/%" PRIu64 "\r\n", m->id);
+    http_reply_json(r, 202, view_message(m), loc);
+}
+
+static void send_message(http_req *r, uint64_t path_device)
+{
+    tt_server *srv = r->app;
+    idem_ctx ic;
+    if (idem_begin(r, path_device ? IDEM_DEVICE_MESSAGES : IDEM_MESSAGES, &ic))
+        return;
+    json_t *errs = json_array();
+    submit s = {0};
+    char to[TT_PHONE_MAX];
+    s.account_id = r->account_id;
+    parse_submit(r->body, !path_device, &s, to, errs);
     if (json_array_size(errs)) {
         http_reply_validation(r, errs);
-        return;
+        goto out;
     }
     json_decref(errs);
     if (path_device) {
         s.device_id = path_device;
         s.direct = true;
     }
-    s.to = to;
-    s.text = (char *)json_string_value(jm);
-    s.encoding = info.encoding;
-    s.segments = info.segments;
+    idem_fill(&ic, &s);
     rt_envelope *rep = call(r, srv->router, rt_codec_envelope(ROUTER_SUBMIT, PROTO_V1, &submit_schema, &s));
     if (!rep || reply_if_problem(r, rep))
-        return;
+        goto out;
     msg_rec m = {0};
     if (rep->type != REPLY_MESSAGE || rt_codec_decode_env(&msg_schema, PROTO_V1, rep, &m) != 0) {
         rt_envelope_free(rep);
         http_reply_problem(r, 500, "internal_error", "unexpected reply");
-        return;
+        goto out;
     }
     rt_envelope_free(rep);
-    char loc[96];
-    snprintf(loc, sizeof(loc), "Location: /api/v1/messages/%" PRIu64 "\r\n", m.id);
-    http_reply_json(r, 202, view_message(&m), loc);
+    reply_message(r, &m);
     rt_codec_free(&msg_schema, &m);
+out:
+    idem_end(&ic);
+}
+
+#define BATCH_MAX_ITEMS 1000
+
+/* Renders a REPLY_BATCH payload as the 207 response. */
+static void render_batch(http_req *r, const char *payload, size_t len)
+{
+    msgpack_unpacked u;
+    msgpack_unpacked_init(&u);
+    size_t off = 0;
+    msgpack_object_array res = {0, NULL};
+    if (msgpack_unpack_next(&u, payload, len, &off) == MSGPACK_UNPACK_SUCCESS && u.data.type == MSGPACK_OBJECT_ARRAY)
+        res = u.data.via.array;
+    json_t *data = json_array();
+    for (size_t i = 0; i < res.size; i++) {
+        msgpack_object *e = res.ptr[i].type == MSGPACK_OBJECT_ARRAY && res.ptr[i].via.array.size == 2
+                                ? res.ptr[i].via.array.ptr
+                                : NULL;
+        json_t *item = NULL;
+        if (e && e[0].type == MSGPACK_OBJECT_POSITIVE_INTEGER && e[1].type == MSGPACK_OBJECT_BIN) {
+            int status = (int)e[0].via.u64;
+            const char *b = e[1].via.bin.ptr;
+            size_t bl = e[1].via.bin.size;
+            msg_rec m = {0};
+            problem p = {0};
+            json_t *errs;
+            if (status == 202 && rt_codec_decode(&msg_schema, b, bl, &m) == 0) {
+                item = json_pack("{siso}", "status", 202, "message", view_message(&m));
+                rt_codec_free(&msg_schema, &m);
+            } else if (status == 422 && (errs = json_loadb(b, bl, 0, NULL))) {
+                json_t *pj = http_problem_json(422, "validation_failed", "the message is not valid");
+                json_object_set_new(pj, "errors", errs);
+                item = json_pack("{siso}", "status", 422, "error", pj);
+            } else if (rt_codec_decode(&problem_schema, b, bl, &p) == 0) {
+                item = json_pack("{siso}", "status", status, "error", http_problem_json(status, p.code, p.detail));
+                rt_codec_free(&problem_schema, &p);
+            }
+        }
+        if (!item)
+            item = json_pack("{siso}", "status", 500, "error", http_problem_json(500, "internal_error", "no result"));
+        json_array_append_new(data, item);
+    }
+    msgpack_unpacked_destroy(&u);
+    http_reply_json(r, 207, json_pack("{so}", "data", data), NULL);
+}
+
+/* POST /messages/batch: items are validated here; the router routes the
+ * valid ones in order in one commit and echoes the invalid ones' errors, so
+ * the 207 lists one result per item (and a replay can render it again). */
+static void h_post_batch(http_req *r)
+{
+    tt_server *srv = r->app;
+    json_t *items = json_object_get(r->body, "messages");
+    json_t *errs = json_array();
+    idem_ctx ic;
+    if (idem_begin(r, IDEM_BATCH, &ic)) {
+        json_decref(errs);
+        return;
+    }
+    if (!json_is_array(items))
+        field_error(errs, "messages", items ? "must be an array" : "is required");
+    else if (json_array_size(items) < 1 || json_array_size(items) > BATCH_MAX_ITEMS)
+        field_error(errs, "messages", "must hold 1 to 1000 messages");
+    if (json_array_size(errs)) {
+        http_reply_validation(r, errs);
+        idem_end(&ic);
+        return;
+    }
+    json_decref(errs);
+    size_t n = json_array_size(items);
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_array(&pk, 5);
+    msgpack_pack_uint64(&pk, r->account_id);
+    if (ic.key) {
+        msgpack_pack_str(&pk, strlen(ic.key));
+        msgpack_pack_str_body(&pk, ic.key, strlen(ic.key));
+        msgpack_pack_bin(&pk, TT_HASH_BYTES);
+        msgpack_pack_bin_body(&pk, ic.hash, TT_HASH_BYTES);
+    } else {
+        msgpack_pack_nil(&pk);
+        msgpack_pack_nil(&pk);
+    }
+    msgpack_pack_uint64(&pk, IDEM_BATCH);
+    msgpack_pack_array(&pk, n);
+    for (size_t i = 0; i < n; i++) {
+        json_t *it = json_array_get(items, i);
+        json_t *e = json_array();
+        submit s = {0};
+        char to[TT_PHONE_MAX];
+        s.account_id = r->account_id;
+        if (!json_is_object(it))
+            field_error(e, "messages[]", "must be an object");
+        else
+            parse_submit(it, 1, &s, to, e);
+        char *buf = NULL;
+        size_t len = 0;
+        int invalid = json_array_size(e) > 0;
+        if (invalid)
+            buf = json_dumps(e, JSON_COMPACT), len = buf ? strlen(buf) : 0;
+        else if (rt_codec_encode(&submit_schema, &s, &buf, &len) != 0)
+            len = 0;
+        json_decref(e);
+        msgpack_pack_array(&pk, 2);
+        msgpack_pack_uint64(&pk, invalid ? 1 : 0);
+        msgpack_pack_bin(&pk, len);
+        msgpack_pack_bin_body(&pk, buf, len);
+        free(buf);
+    }
+    rt_envelope *rep = call(r, srv->router, rt_envelope_new(ROUTER_BATCH, PROTO_V1, sb.data, sb.size));
+    msgpack_sbuffer_destroy(&sb);
+    if (rep && !reply_if_problem(r, rep)) {
+        if (rep->type == REPLY_BATCH)
+            render_batch(r, rep->data, rep->len);
+        else
+            http_reply_problem(r, 500, "internal_error", "unexpected reply");
+        rt_envelope_free(rep);
+    }
+    idem_end(&ic);
 }
 
 static void h_post_messages(http_req *r) { send_message(r, 0); }
@@ -886,6 +1187,7 @@ static void h_healthz(http_req *r)
 static const http_route routes[] = {
     {"GET", "/healthz", h_healthz, 0, 0},
     {"POST", "/api/v1/messages", h_post_messages, 1, BODY_MAX},
+    {"POST", "/api/v1/messages/batch", h_post_batch, 1, 2 * 1024 * 1024},
     {"GET", "/api/v1/messages", h_list_messages, 1, 0},
     {"GET", "/api/v1/messages/{id}", h_get_message, 1, 0},
     {"POST", "/api/v1/devices", h_post_devices, 1, BODY_MAX},
