@@ -252,6 +252,57 @@ static int on_packet(void *app, uint64_t device_id, int kind, const void *payloa
 
 static void on_link(void *app, uint64_t device_id, int up) { device_link_changed(app, device_id, up); }
 
+typedef struct devlist {
+    tt_server *srv;
+    dynsec_device *v;
+    size_t n, cap;
+} devlist;
+
+static int collect_device(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+{
+    devlist *l = arg;
+    dev_rec d = {0};
+    if (klen != 9 || rt_codec_decode(&dev_schema, val, vlen, &d) != 0)
+        return 0;
+    uint8_t *pw = NULL;
+    size_t pwlen = 0;
+    if (tt_unseal(l->srv->key, d.password_sealed.ptr, d.password_sealed.len, &pw, &pwlen) == 0) {
+        if (l->n == l->cap) {
+            size_t cap = l->cap ? l->cap * 2 : 64;
+            dynsec_device *v = realloc(l->v, cap * sizeof(*v));
+            if (!v) {
+                free(pw);
+                rt_codec_free(&dev_schema, &d);
+                return 1;
+            }
+            l->v = v;
+            l->cap = cap;
+        }
+        l->v[l->n++] = (dynsec_device){d.id, (char *)pw};
+    } else {
+        LOG_ERROR("device %" PRIu64 ": its sealed password does not open with this server key", d.id);
+    }
+    rt_codec_free(&dev_schema, &d);
+    return 0;
+}
+
+/* dynsec's reconciliation: every device with its password (unsealed). */
+static int list_devices(void *app, dynsec_device **out, size_t *n)
+{
+    devlist l = {app, NULL, 0, 0};
+    uint8_t prefix[1] = {K_DEVICE};
+    int rc = store_scan(l.srv->store, prefix, 1, NULL, 0, SIZE_MAX, collect_device, &l);
+    if (rc < 0) {
+        for (size_t i = 0; i < l.n; i++)
+            free(l.v[i].password);
+        free(l.v);
+        return rc;
+    }
+    *out = l.v;
+    *n = l.n;
+    return 0;
+}
+
 int tt_server_start(tt_server *srv)
 {
     if (srv->started)
@@ -274,6 +325,10 @@ int tt_server_start(tt_server *srv)
     if ((rc = rt_sched_start(srv->sched)) != 0)
         goto fail;
     if ((rc = links_start(srv->links)) != 0)
+        goto fail;
+    dynsec_config dc = {srv->o.mqtt_url, srv->o.mqtt_username, srv->o.mqtt_password, srv->o.mqtt_client_prefix,
+                        srv->o.topic_root, list_devices, srv};
+    if ((rc = dynsec_new(&dc, &srv->dynsec)) != 0 || (rc = dynsec_start(srv->dynsec)) != 0)
         goto fail;
     size_t nroutes;
     const http_route *routes = handlers_routes(&nroutes);
@@ -302,6 +357,10 @@ int tt_server_stop(tt_server *srv)
     }
     if (srv->sched)
         rt_sched_stop(srv->sched); /* actors drain, persist commits */
+    if (srv->dynsec) {
+        dynsec_free(srv->dynsec);
+        srv->dynsec = NULL;
+    }
     if (srv->links) {
         links_free(srv->links);
         srv->links = NULL;

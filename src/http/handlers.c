@@ -1177,8 +1177,10 @@ static void h_healthz(http_req *r)
     if (total == 0) /* per-device links and no device yet: nothing to be down */
         mqtt = "connected";
     int ok = atomic_load_explicit(&srv->store_ok, memory_order_relaxed);
+    int acl = srv->dynsec ? dynsec_state(srv->dynsec) : DYNSEC_UNKNOWN;
+    const char *acl_name = acl == DYNSEC_MANAGED ? "managed" : acl == DYNSEC_UNMANAGED ? "unmanaged" : "unknown";
     json_t *o = json_pack("{ssssssss}", "status", ok ? "ok" : "error", "store", ok ? "ok" : "error", "mqtt", mqtt,
-                          "broker_acl", "unmanaged");
+                          "broker_acl", acl_name);
     http_reply_json(r, ok ? 200 : 503, o, NULL);
 }
 
