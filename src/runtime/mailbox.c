@@ -51,6 +51,20 @@
 #define MB_TSAN_RELEASE(p) ((void)(p))
 #endif
 
+#ifdef RT_MAILBOX_TEST_HOOKS
+/* Test builds only (tests/runtime/test_window.c compiles this file on its
+ * own with the macro): called between a push's commit and its count, so a
+ * test can hold a producer inside that window. */
+void (*rt_mailbox_test_after_commit)(rt_mailbox *mb);
+#define MB_AFTER_COMMIT(mb)                                 \
+    do {                                                    \
+        if (rt_mailbox_test_after_commit != NULL)           \
+            rt_mailbox_test_after_commit(mb);               \
+    } while (0)
+#else
+#define MB_AFTER_COMMIT(mb) ((void)(mb))
+#endif
+
 #define MB_CACHELINE 64
 #define MB_MAX_CAPACITY (1u << 24)
 #define MB_TCACHE_MIN 64            /* entries per thread at first; a power of two */
@@ -316,6 +330,7 @@ int rt_mailbox_push(rt_mailbox *mb, rt_envelope *env)
     memcpy(slot, &env, sizeof env);
     MB_TSAN_RELEASE(slot);          /* the envelope and slot, to the consumer */
     ck_ring_enqueue_commit_spsc(&r->ring);
+    MB_AFTER_COMMIT(mb);
 
     /* seq_cst: the full fence between publishing the envelope (the commit
      * above) and learning whether the consumer is idle; it pairs with the
