@@ -150,6 +150,20 @@ def _die_with_parent():
         _PRCTL(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
 
 
+_SAN_RE = re.compile(r"runtime error:|ERROR: (Address|Leak)Sanitizer|WARNING: ThreadSanitizer|"
+                     r"SUMMARY: (Address|Undefined|Leak|Thread)Sanitizer")
+
+
+def _sanitizer_lines(path, limit=5):
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    out = [l.strip() for l in text.splitlines() if _SAN_RE.search(l)]
+    return out[:limit]
+
+
 def _register(obj):
     _live.append(obj)
     _all_live.append(obj)
@@ -610,6 +624,10 @@ class Server:
     def cleanup(self):
         _kill_proc(self.proc)
 
+    def sanitizer_reports(self):
+        """Lines of the log where ASan, UBSan, LSan or TSan reported a bug."""
+        return _sanitizer_lines(self.logpath)
+
     def diagnostics(self):
         return "--- taratxtd :%d log tail (%s)\n%s" % (self.port, self.logpath, tail(self.logpath, 80))
 
@@ -720,6 +738,9 @@ class DevSim:
     def cleanup(self):
         _kill_proc(self.proc)
 
+    def sanitizer_reports(self):
+        return _sanitizer_lines(self.logpath)
+
     def diagnostics(self):
         evs = self.snapshot()
         return "--- %s (%s) %d events, last: %s\n--- %s stderr tail\n%s" % (
@@ -773,6 +794,11 @@ def run(tests):
         except Exception:
             err = traceback.format_exc()
             log("ERROR in %s:\n%s" % (name, err))
+        for o in _live:
+            scan = getattr(o, "sanitizer_reports", None)
+            if scan:
+                for line in scan():
+                    check(False, "sanitizer report in %s: %s" % (o.logpath, line))
         ok = err is None and not _failures
         if not ok:
             failed.append(name)
