@@ -820,3 +820,58 @@ def run(tests):
     sys.stdout.flush()
     _cleanup_all()
     os._exit(0)
+
+
+# ---------------------------------------------------------------- MQTT watcher
+
+class MqttSub:
+    """mosquitto_sub on a topic filter; collects (topic, payload) pairs."""
+
+    def __init__(self, broker_port, topic):
+        self.items = []
+        self.cond = threading.Condition()
+        self.logpath = os.path.join(mktemp("sub"), "sub.stderr")
+        logf = open(self.logpath, "ab")
+        self.proc = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker_port), "-q", "1",
+                                      "-v", "-t", topic, "-i", "it-sub-%d-%d" % (os.getpid(), free_port())],
+                                     stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
+        logf.close()
+        _register(self)
+        threading.Thread(target=self._read, daemon=True).start()
+        time.sleep(0.3)   # let the subscription settle before anything is published
+
+    def _read(self):
+        for line in self.proc.stdout:
+            line = line.decode("utf-8", "replace").rstrip("\n")
+            topic, _, payload = line.partition(" ")
+            try:
+                payload = json.loads(payload)
+            except ValueError:
+                pass
+            with self.cond:
+                self.items.append((topic, payload))
+                self.cond.notify_all()
+
+    def wait_for(self, pred, timeout=20, desc="MQTT message"):
+        deadline = time.time() + T(timeout)
+        with self.cond:
+            while True:
+                for it in self.items:
+                    if pred(it[0], it[1]):
+                        return it
+                left = deadline - time.time()
+                if left <= 0:
+                    raise AssertionError("timed out after %.0fs waiting for %s; seen %s"
+                                         % (T(timeout), desc, _short(self.items[-8:], 1000)))
+                self.cond.wait(min(left, 0.2))
+
+    def snapshot(self):
+        with self.cond:
+            return list(self.items)
+
+    def cleanup(self):
+        _kill_proc(self.proc)
+
+    def diagnostics(self):
+        return "--- mosquitto_sub: %s" % _short(self.snapshot()[-10:], 1200)
