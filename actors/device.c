@@ -358,11 +358,15 @@ static void write_sent(device *d, const msg_rec *r)
 
 static void fail_msg(device *d, msg_rec *r, const char *error, int64_t now)
 {
+    int was_sent = r->status == ST_SENT;
     r->status = ST_FAILED;
     r->failed_at = now;
     free(r->error);
     r->error = strdup(error);
-    leave_pending(d, r);
+    if (was_sent)
+        write_sent(d, r);
+    else
+        leave_pending(d, r);
     LOG_INFO("message %" PRIu64 " failed on device %" PRIu64 ": %s", r->id, d->h->id, error);
 }
 
@@ -461,7 +465,7 @@ static void pump(device *d)
                     break;
             }
             msg_rec *head = d->q[0];
-            if (head->expires_at && head->expires_at <= now) {
+            if (head->status == ST_PENDING && head->expires_at && head->expires_at <= now) {
                 q_pop(d);
                 fail_msg(d, head, "expired", now);
                 msg_free(head);
@@ -529,6 +533,13 @@ static void on_tick(device *d)
                 continue;
             }
             w->timeouts++;
+            if (w->rec->status == ST_SENT && w->timeouts >= MAX_TIMEOUTS) {
+                /* A re-query nobody answered: it stays sent. */
+                msg_rec *r = w->rec;
+                win_remove(d, i);
+                sentc_put(d, r);
+                continue;
+            }
             if (w->timeouts >= MAX_TIMEOUTS) {
                 msg_rec *r = w->rec;
                 win_remove(d, i);
@@ -545,7 +556,7 @@ static void on_tick(device *d)
     /* Expired messages that were never handed over. */
     for (size_t i = 0; i < d->qn;) {
         msg_rec *r = d->q[i];
-        if (r->expires_at && r->expires_at <= now) {
+        if (r->status == ST_PENDING && r->expires_at && r->expires_at <= now) {
             memmove(d->q + i, d->q + i + 1, (d->qn - i - 1) * sizeof(*d->q));
             d->qn--;
             fail_msg(d, r, "expired", now);
@@ -677,10 +688,19 @@ static void on_report(device *d, const char *payload, size_t len)
         msg_rec *r = d->win[i].rec;
         if (r->id != id)
             continue;
-        apply_report(r, st, error, now);
         win_remove(d, i);
-        leave_pending(d, r);
-        msg_free(r);
+        if (r->status == ST_SENT) { /* a re-query after a restart */
+            if (apply_report(r, st, error, now))
+                write_sent(d, r);
+            if (msg_status_final(r->status))
+                msg_free(r);
+            else
+                sentc_put(d, r);
+        } else {
+            apply_report(r, st, error, now);
+            leave_pending(d, r);
+            msg_free(r);
+        }
         json_decref(o);
         pump(d);
         return;
@@ -982,7 +1002,7 @@ static void on_cancel(device *d, const rt_envelope *env)
     msg_rec *r = NULL, stored = {0};
     size_t slot;
     for (size_t i = 0; i < d->qn; i++)
-        if (d->q[i]->id == c.message_id) {
+        if (d->q[i]->id == c.message_id && d->q[i]->status == ST_PENDING) {
             r = d->q[i];
             memmove(d->q + i, d->q + i + 1, (d->qn - i - 1) * sizeof(*d->q));
             d->qn--;
@@ -1022,6 +1042,35 @@ static void on_cancel(device *d, const rt_envelope *env)
         msg_free(r);
 }
 
+static int requery_one(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+{
+    device *d = arg;
+    uint64_t id = key_get_u64(key + 9);
+    msg_rec *r = calloc(1, sizeof(*r));
+    uint8_t k[KEY_MAX];
+    if (!r || known(d, id) || store_get(d->srv->store, k, key_u64(k, K_MESSAGE, id), &msg_schema, r) != 0) {
+        free(r);
+        return 0;
+    }
+    if (r->status != ST_SENT || r->device_id != d->h->id) {
+        msg_free(r);
+        return 0;
+    }
+    q_insert(d, r);
+    return d->qn >= QCAP;
+}
+
+/* At start: a report the device sent before a crash may have been lost with
+ * the crash (the client library acknowledges a packet before it is stored).
+ * Sent messages are handed over once more; the device does not send them
+ * again, it reports their current status (API.md 8). */
+static void requery_sent(device *d)
+{
+    uint8_t prefix[KEY_MAX];
+    key_u64(prefix, K_SENT, d->h->id);
+    store_scan(d->srv->store, prefix, 9, NULL, 0, QCAP, requery_one, d);
+}
+
 /* ---- dispatch -------------------------------------------------------------------- */
 
 static void device_dispatch(rt_actor *self, void *state, rt_envelope *env)
@@ -1032,6 +1081,7 @@ static void device_dispatch(rt_actor *self, void *state, rt_envelope *env)
         links_bind(d->srv->links, d->h->id);
         d->overflow = 1;
         refill(d);
+        requery_sent(d);
         rearm(d);
         break;
     }

@@ -369,6 +369,7 @@ int tt_server_stop(tt_server *srv)
         rt_sched_free(srv->sched);
         srv->sched = NULL;
     }
+    handlers_free_waiters();
     LOG_INFO("stopped; everything accepted is on disk");
     return 0;
 }

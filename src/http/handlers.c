@@ -28,23 +28,49 @@
 
 /* ---- talking to actors ------------------------------------------------------ */
 
-static pthread_key_t waiter_key;
-static pthread_once_t waiter_once = PTHREAD_ONCE_INIT;
+/* Each HTTP worker thread has its own reply mailbox (a waiter). An actor may
+ * still be inside its push of a reply when the worker has the reply and
+ * exits, so waiters are freed only after the scheduler has stopped
+ * (handlers_free_waiters), never at thread exit. */
+static __thread rt_waiter *thread_w;
 static __thread uint64_t corr_seq;
-
-static void waiter_destroy(void *w) { rt_waiter_free(w); }
-static void waiter_key_init(void) { pthread_key_create(&waiter_key, waiter_destroy); }
+static pthread_mutex_t waiters_mu = PTHREAD_MUTEX_INITIALIZER;
+static rt_waiter **waiters;
+static size_t nwaiters, capwaiters;
 
 static rt_waiter *thread_waiter(void)
 {
-    pthread_once(&waiter_once, waiter_key_init);
-    rt_waiter *w = pthread_getspecific(waiter_key);
-    if (!w) {
-        w = rt_waiter_new();
-        if (w)
-            pthread_setspecific(waiter_key, w);
+    if (thread_w)
+        return thread_w;
+    rt_waiter *w = rt_waiter_new();
+    if (!w)
+        return NULL;
+    pthread_mutex_lock(&waiters_mu);
+    if (nwaiters == capwaiters) {
+        size_t cap = capwaiters ? capwaiters * 2 : 64;
+        rt_waiter **v = realloc(waiters, cap * sizeof(*v));
+        if (!v) {
+            pthread_mutex_unlock(&waiters_mu);
+            rt_waiter_free(w);
+            return NULL;
+        }
+        waiters = v;
+        capwaiters = cap;
     }
-    return w;
+    waiters[nwaiters++] = w;
+    pthread_mutex_unlock(&waiters_mu);
+    return thread_w = w;
+}
+
+void handlers_free_waiters(void)
+{
+    pthread_mutex_lock(&waiters_mu);
+    for (size_t i = 0; i < nwaiters; i++)
+        rt_waiter_free(waiters[i]);
+    free(waiters);
+    waiters = NULL;
+    nwaiters = capwaiters = 0;
+    pthread_mutex_unlock(&waiters_mu);
 }
 
 /* Sends env to actor and waits for the reply. On NULL the response (503) was
@@ -1123,10 +1149,14 @@ static void h_regenerate_pin(http_req *r)
 static void h_patch_pin(http_req *r)
 {
     json_t *sw = json_object_get(r->body, "safe_word");
-    if (!json_is_string(sw) || !tt_safeword_valid(json_string_value(sw))) {
+    int has_alnum = 0;
+    for (const char *c = json_is_string(sw) ? json_string_value(sw) : ""; *c; c++)
+        has_alnum |= (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9');
+    if (!json_is_string(sw) || !tt_safeword_valid(json_string_value(sw)) || !has_alnum) {
         json_t *errs = json_array();
         field_error(errs, "safe_word",
-                    sw ? "must be 4 to 64 characters of letters, digits, '-', '_' and space" : "is required");
+                    sw ? "must be 4 to 64 characters of letters, digits, '-', '_' and space, with a letter or digit"
+                       : "is required");
         http_reply_validation(r, errs);
         return;
     }

@@ -45,6 +45,11 @@ struct http_server {
     /* Why the listening socket failed, as civetweb logged it during
      * mg_start2 (it reports only "Failed to setup server ports"). */
     atomic_int start_errno;
+    /* Graceful stop: once draining, new requests get 503 and http_stop waits
+     * for the requests already running to finish and write their responses
+     * (civetweb stops writing once its own stop flag is set). */
+    atomic_int draining;
+    atomic_int inflight;
 };
 
 /* ------------------------------------------------------------------ */
@@ -918,10 +923,19 @@ static int http_begin_request(struct mg_connection *conn)
     r.query = ri->query_string;
     r.app = s->cfg.app;
 
-    if (path == NULL || path[0] != '/')
+    /* seq_cst: the increment is ordered before reading draining, and
+     * http_stop's store before its reads of inflight (a Dekker pair), so a
+     * request either sees draining or is counted by the stopper. */
+    atomic_fetch_add_explicit(&s->inflight, 1, memory_order_seq_cst);
+    if (atomic_load_explicit(&s->draining, memory_order_seq_cst)) {
+        mg_disable_connection_keep_alive(conn);
+        http_reply_problem_ex(&r, 503, "shutting_down", "the server is stopping; retry shortly", NULL,
+                              "Retry-After: 1\r\n");
+    } else if (path == NULL || path[0] != '/')
         http_reply_problem(&r, 404, "not_found", "no such route");
     else
         http_run(s, &r, path);
+    atomic_fetch_sub_explicit(&s->inflight, 1, memory_order_seq_cst);
 
     if (r.status == 0) /* cannot happen: every branch replies */
         http_reply_problem(&r, 500, "internal", "no response");
@@ -1182,6 +1196,13 @@ void http_stop(http_server *s)
 {
     if (s == NULL)
         return;
+    atomic_store_explicit(&s->draining, 1, memory_order_seq_cst);
+    /* Requests that were accepted finish (their actors always answer);
+     * bounded, so a stuck client cannot hold the stop forever. */
+    for (int i = 0; i < 30000 && atomic_load_explicit(&s->inflight, memory_order_seq_cst) > 0; i++) {
+        struct timespec ts = {0, 1000000L};
+        nanosleep(&ts, NULL);
+    }
     mg_stop(s->ctx);
     mg_exit_library();
     http_free(s);
