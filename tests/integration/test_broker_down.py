@@ -43,6 +43,9 @@ def test_broker_down():
         return r.status == 200 and (r.body or {}).get("mqtt") == "connected" and r.body
     h = wait_until(connected, T(45), "healthz mqtt connected after the broker started", 0.25)
     check_eq(h.get("status"), "ok", "healthz status after reconnect")
+    acl = wait_until(lambda: (api.get("/healthz").body or {}).get("broker_acl") != "unknown" and
+                     (api.get("/healthz").body or {}).get("broker_acl"), T(15), "broker_acl learned")
+    check_eq(acl, "unmanaged", "broker_acl against an anonymous broker without dynamic security")
 
     sim = DevSim(dev)
     sim.wait_connected()
