@@ -95,7 +95,7 @@ static uint64_t *link_snapshot(link *k, size_t *n)
     pthread_mutex_lock(&k->mu);
     uint64_t *v = malloc((k->ndev ? k->ndev : 1) * sizeof(*v));
     *n = 0;
-    if (v) {
+    if (v && k->ndev) {
         memcpy(v, k->devices, k->ndev * sizeof(*v));
         *n = k->ndev;
     }
