@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "actors/pincache.h"
 #include "actors/proto.h"
 #include "runtime/mailbox.h"
 #include "server.h"
@@ -185,8 +186,14 @@ int main(int argc, char **argv)
     long rss2 = rss_kib();
     printf("pinned: %10.0f sends/s  (random pinned numbers: %.0f%% can be in the cache)\n", r2,
            100.0 * (double)cache / (double)npins > 100 ? 100.0 : 100.0 * (double)cache / (double)npins);
-    printf("memory: rss %ld MiB at start, %ld MiB after pinning, %ld MiB after lookups; failures %zu\n", rss0 / 1024,
-           rss1 / 1024, rss2 / 1024, failed);
+    size_t held = (size_t)cache < npins ? (size_t)cache : npins, buckets = 16;
+    while (buckets < (size_t)cache)
+        buckets <<= 1;
+    printf("memory: rss %ld MiB at start, %ld MiB after pinning, %ld MiB after lookups (RocksDB memtables and\n"
+           "        block cache included); the router's pin cache itself: %zu entries x %zu bytes + index = %.1f MiB;\n"
+           "        failures %zu\n",
+           rss0 / 1024, rss1 / 1024, rss2 / 1024, held, sizeof(pin_entry),
+           (double)(held * sizeof(pin_entry) + buckets * sizeof(void *)) / 1048576.0, failed);
     tt_server_stop(srv);
     tt_server_destroy(srv);
     rt_mailbox_free(mb);
