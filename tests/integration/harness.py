@@ -194,10 +194,27 @@ class Broker:
     """A mosquitto on a loopback port with its own config and persistence."""
 
     def __init__(self, port=None, start=True):
+        self.fixed_port = port is not None
         self.port = port or free_port()
         self.dir = mktemp("broker")
         self.conf = os.path.join(self.dir, "mosquitto.conf")
         self.logpath = os.path.join(self.dir, "mosquitto.log")
+        self.proc = None
+        self._write_conf()
+        _register(self)
+        if start:
+            for attempt in range(3):
+                try:
+                    self.start()
+                    break
+                except AssertionError:
+                    # another test may have taken the free port in between
+                    if self.fixed_port or attempt == 2 or "in use" not in tail(self.logpath, 5).lower():
+                        raise
+                    self.port = free_port()
+                    self._write_conf()
+
+    def _write_conf(self):
         with open(self.conf, "w") as f:
             f.write("user root\n"
                     "listener %d 127.0.0.1\n"
@@ -210,10 +227,6 @@ class Broker:
                     "log_dest stderr\n"
                     "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
                     "connection_messages true\n" % (self.port, self.dir))
-        self.proc = None
-        _register(self)
-        if start:
-            self.start()
 
     @property
     def url(self):
@@ -525,7 +538,16 @@ class Server:
         self.starts = 0
         _register(self)
         if start:
-            self.start()
+            for attempt in range(3):
+                try:
+                    self.start()
+                    break
+                except AssertionError:
+                    # another test may have taken the free port in between
+                    log_tail = tail(self.logpath, 5).lower()
+                    if attempt == 2 or self.alive() or not ("in use" in log_tail or "eaddrinuse" in log_tail):
+                        raise
+                    self.port = free_port()
 
     def args(self):
         return [self.bin, "serve", "--listen", "127.0.0.1:%d" % self.port, "--data", self.data,
