@@ -7,7 +7,10 @@
 #   bench/devsim_check.sh [path/to/tt-devsim]     (default build-bench/bench/tt-devsim)
 #
 # Prints one "ok" line per check and exits non-zero at the first failure,
-# leaving its scratch directory for a look.
+# leaving its scratch directory for a look. Covers the misbehaviour switches
+# too (garbage, repeat, out-of-order, storm, unknown-ids, foreign-ids,
+# --inbound-id, --inbound-repeat). With a sanitizer build of tt-devsim, a
+# sanitizer report in any run's stderr fails the check.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -175,5 +178,125 @@ grep -q "$P/report {\"id\":14,\"status\":\"delivered\"}" "$dir/wire.log" || fail
 # tt-devsim never publishes offline on this path: this is the Last Will.
 wait_for "$dir/status3.log" "$P/status \{\"online\":false\}" 3 || fail "Last Will not published"
 echo "ok: --drop-after exits 3 after reporting, Last Will sets status offline"
+
+# The misbehaviour switches. wire2.log shows the retain flag: "%r topic payload".
+mosquitto_sub -p "$port" -F '%r %t %p' -t "$P/#" > "$dir/wire2.log" 2>&1 &
+pids="$pids $!"
+sleep 0.3
+
+# 4. --misbehave garbage: garbage on report, status (not retained) and inbound,
+#    then a normal device
+"$devsim" --credentials "$dir/dev7.json" --url "tcp://127.0.0.1:$port" --misbehave garbage \
+    > "$dir/out4.log" 2> "$dir/err4.log" &
+sim=$!
+pids="$pids $sim"
+wait_for "$dir/out4.log" '"event":"connected","device_id":7' || fail "garbage run did not connect"
+wait_for "$dir/out4.log" '"mode":"garbage","detail":"P/inbound: .*-badfrom' || fail "garbage not all published"
+for w in "^0 $P/report not json\$" "^0 $P/report \\[\\]\$" "^0 $P/report \\{\"id\":\"x\"\\}\$" \
+    "^0 $P/report \\{\"id\":1,\"status\":\"bogus\"\\}\$" "^0 $P/status not json\$" \
+    "^0 $P/status \\{\"online\":\"yes\"\\}\$" "^0 $P/inbound \\[\\]\$" \
+    "^0 $P/inbound \\{\"id\":\"garbage-[0-9a-f]*-nofrom\",\"message\":"; do
+    wait_for "$dir/wire2.log" "$w" 3 || fail "garbage not on the wire: $w"
+done
+grep -q "^1 $P/status \\(not json\\|\\[\\]\\|null\\|{\"online\":\"yes\"}\\)" "$dir/wire2.log" &&
+    fail "garbage status was retained"
+grep -q '"event":"misbehave","device_id":7,"mode":"garbage","detail":"P/status: {\\"online\\":\\"yes\\"}"' \
+    "$dir/out4.log" || fail "no misbehave event for garbage status"
+mosquitto_sub -p "$port" -v -t "$P/status" -C 1 -W 3 > "$dir/status4.log" 2>&1 || true
+grep -q "$P/status {\"online\":true" "$dir/status4.log" || fail "retained status not online after garbage"
+pub "$P/send" '{"id":15,"to":"+639171234567","message":"x","attempt":1}'
+wait_for "$dir/wire2.log" "^0 $P/report \\{\"id\":15,\"status\":\"delivered\"\\}" ||
+    fail "no normal report after garbage"
+kill -TERM $sim
+rc=0
+wait $sim || rc=$?
+[ $rc = 0 ] || fail "garbage run exit code $rc"
+echo "ok: --misbehave garbage on report, status (not retained), inbound; then normal"
+
+# 5. --misbehave repeat: every report three times
+"$devsim" --credentials "$dir/dev7.json" --url "tcp://127.0.0.1:$port" --misbehave repeat \
+    --exit-after 1 > "$dir/out5.log" 2> "$dir/err5.log" &
+sim=$!
+wait_for "$dir/out5.log" '"event":"connected"' || fail "repeat run did not connect"
+pub "$P/send" '{"id":16,"to":"+639171234567","message":"x","attempt":1}'
+rc=0
+wait $sim || rc=$?
+[ $rc = 0 ] || fail "repeat run exit code $rc"
+[ "$(grep -c "^0 $P/report {\"id\":16,\"status\":\"sent\"}\$" "$dir/wire2.log")" = 3 ] ||
+    fail "sent of 16 not published 3 times"
+[ "$(grep -c "^0 $P/report {\"id\":16,\"status\":\"delivered\"}\$" "$dir/wire2.log")" = 3 ] ||
+    fail "delivered of 16 not published 3 times"
+grep -q '"mode":"repeat","detail":"report 16 delivered published 3 times"' "$dir/out5.log" ||
+    fail "no misbehave event for repeat"
+echo "ok: --misbehave repeat publishes each report 3 times"
+
+# 6. --misbehave out-of-order: delivered before sent
+"$devsim" --credentials "$dir/dev7.json" --url "tcp://127.0.0.1:$port" --misbehave out-of-order \
+    --exit-after 1 > "$dir/out6.log" 2> "$dir/err6.log" &
+sim=$!
+wait_for "$dir/out6.log" '"event":"connected"' || fail "out-of-order run did not connect"
+pub "$P/send" '{"id":17,"to":"+639171234567","message":"x","attempt":1}'
+rc=0
+wait $sim || rc=$?
+[ $rc = 0 ] || fail "out-of-order run exit code $rc"
+order=$(sed -n "s|^0 $P/report {\"id\":17,\"status\":\"\([a-z]*\)\"}\$|\1|p" "$dir/wire2.log" | tr '\n' ' ')
+[ "$order" = "delivered sent " ] || fail "reports of 17 in order '$order', want 'delivered sent '"
+grep -q '"mode":"out-of-order"' "$dir/out6.log" || fail "no misbehave event for out-of-order"
+echo "ok: --misbehave out-of-order reports delivered, then sent"
+
+# 7. --storm 3: three connections dropped without DISCONNECT (three Wills),
+#    then one that stays
+closes_before=$(grep -c "Client device-7 closed its connection" "$dir/mosquitto.log" || true)
+mosquitto_sub -p "$port" -F '%r %p' -t "$P/status" > "$dir/status7.log" 2>&1 &
+pids="$pids $!"
+wait_for "$dir/status7.log" '^1 ' || fail "no retained status before the storm"
+"$devsim" --credentials "$dir/dev7.json" --url "tcp://127.0.0.1:$port" --storm 3 \
+    > "$dir/out7.log" 2> "$dir/err7.log" &
+sim=$!
+pids="$pids $sim"
+wait_for "$dir/out7.log" '"event":"connected","device_id":7' || fail "storm run did not connect"
+[ "$(grep -c '"mode":"storm","detail":"connection [123] of 3 dropped without DISCONNECT"' "$dir/out7.log")" = 3 ] ||
+    fail "not 3 storm events"
+wait_count "$dir/status7.log" '0 {"online":false}' 3 || fail "not 3 Last Wills during the storm"
+closes=$(grep -c "Client device-7 closed its connection" "$dir/mosquitto.log" || true)
+[ $((closes - closes_before)) -ge 3 ] || fail "broker saw $((closes - closes_before)) unclean closes, want 3"
+wait_count "$dir/status7.log" '0 {"online":true' 4 || fail "not online 4 times"
+[ "$(tail -n 1 "$dir/status7.log")" = '0 {"online":true,"sim":"tt-devsim"}' ] || fail "not online after the storm"
+pub "$P/send" '{"id":18,"to":"+639171234567","message":"x","attempt":1}'
+wait_for "$dir/wire2.log" "^0 $P/report \\{\"id\":18,\"status\":\"delivered\"\\}" ||
+    fail "no normal report after the storm"
+kill -TERM $sim
+rc=0
+wait $sim || rc=$?
+[ $rc = 0 ] || fail "storm run exit code $rc"
+echo "ok: --storm 3 drops 3 connections without DISCONNECT (3 Wills), then stays connected"
+
+# 8. unknown-ids, foreign-ids, --inbound-id with --inbound-repeat
+"$devsim" --credentials "$dir/dev7.json" --url "tcp://127.0.0.1:$port" --misbehave unknown-ids \
+    --foreign-id 555 --inbound-id fixed-1 --inbound '+639170000001:twice' --inbound-repeat 2 \
+    --exit-after 1 > "$dir/out8.log" 2> "$dir/err8.log" &
+sim=$!
+wait_for "$dir/out8.log" '"event":"connected"' || fail "unknown-ids run did not connect"
+wait_for "$dir/wire2.log" "^0 $P/report \\{\"id\":555,\"status\":\"delivered\"\\}" ||
+    fail "foreign id 555 not reported"
+wait_count "$dir/wire2.log" "0 $P/inbound {\"id\":\"fixed-1\",\"from\":\"+639170000001\"" 2 ||
+    fail "inbound fixed-1 not published twice"
+pub "$P/send" '{"id":19,"to":"+639171234567","message":"x","attempt":1}'
+rc=0
+wait $sim || rc=$?
+[ $rc = 0 ] || fail "unknown-ids run exit code $rc"
+grep -q "^0 $P/report {\"id\":1000019,\"status\":\"delivered\"}\$" "$dir/wire2.log" ||
+    fail "unknown id 1000019 not reported"
+for m in unknown-ids foreign-ids inbound-repeat; do
+    grep -q "\"mode\":\"$m\"" "$dir/out8.log" || fail "no misbehave event for $m"
+done
+echo "ok: unknown-ids, foreign-ids, --inbound-id with --inbound-repeat"
+
+# A sanitizer build reports on stderr; some runs above end by _exit or have
+# no exit code checked, so look at every run's stderr.
+if grep -lE 'Sanitizer|runtime error:' "$dir"/err*.log >/dev/null 2>&1; then
+    fail "sanitizer report in $(grep -lE 'Sanitizer|runtime error:' "$dir"/err*.log | tr '\n' ' ')"
+fi
+echo "ok: no sanitizer reports"
 
 echo "all devsim checks passed"

@@ -9,6 +9,11 @@
  * tests and benchmarks can follow what the device saw; diagnostics go to
  * stderr.
  *
+ * --misbehave makes a device break the protocol on purpose (garbage payloads,
+ * reports for ids it was never given, repeated or reordered reports, a storm
+ * of abrupt reconnects), so tests can check that the server survives a broken
+ * or hostile device. Each act prints a "misbehave" event.
+ *
  * Threads: paho runs every callback on its own two threads while holding its
  * global lock, and any API call from another thread takes that lock. So a
  * device's mutex is only ever taken briefly and never held across a paho
@@ -23,6 +28,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <netdb.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -32,6 +38,8 @@
 #include <string.h>
 #include <sys/random.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -41,11 +49,40 @@
 #define SHUTDOWN_WAIT_MS 5000    /* per shutdown step */
 #define DROP_WAIT_MS 10000       /* --drop-after: longest wait for PUBACKs */
 #define FAIL_ERROR_MAX 200
+#define INBOUND_ID_MAX 64        /* API.md 8: 1 to 64 printable ASCII */
+#define UNKNOWN_ID_OFFSET 1000000 /* --misbehave unknown-ids: id + this */
+#define REPEAT_COPIES 3          /* --misbehave repeat */
+#define STORM_DEFAULT 5          /* --misbehave storm without --storm N */
+#define STORM_HOLD_MS 50         /* storm: time online before the drop */
+#define STORM_GAP_MS 50          /* storm: time offline before reconnecting */
+#define STORM_IO_TIMEOUT_S 5     /* storm: socket send/receive timeout */
 
 enum report_mode { REPORT_DELIVERED, REPORT_SENT, REPORT_FAILED, REPORT_NONE };
 
+/* --misbehave modes, a bit each. */
+enum {
+    MIS_GARBAGE = 1 << 0,
+    MIS_UNKNOWN_IDS = 1 << 1,
+    MIS_FOREIGN_IDS = 1 << 2,
+    MIS_REPEAT = 1 << 3,
+    MIS_OUT_OF_ORDER = 1 << 4,
+    MIS_STORM = 1 << 5,
+};
+
+static const struct {
+    const char *name;
+    int bit;
+} mis_modes[] = {
+    { "garbage", MIS_GARBAGE },
+    { "unknown-ids", MIS_UNKNOWN_IDS },
+    { "foreign-ids", MIS_FOREIGN_IDS },
+    { "repeat", MIS_REPEAT },
+    { "out-of-order", MIS_OUT_OF_ORDER },
+    { "storm", MIS_STORM },
+};
+
 struct inbound {
-    char id[64];
+    char id[INBOUND_ID_MAX + 1];
     char *from, *message;
     char received_at[32];
     int acked;
@@ -65,6 +102,7 @@ struct device {
     struct seen_set seen;
     int online;         /* subscribed and announced online */
     int connect_failures;
+    int connects;       /* paho connections announced online so far */
     struct inbound *inb;
     size_t n_inb;
     int64_t *unsettled; /* ids whose last report publish failed */
@@ -73,6 +111,7 @@ struct device {
 
 struct inbound_spec {
     char *from, *text;
+    const char *id; /* --inbound-id, or NULL for a generated one */
 };
 
 /* Configuration: written by main before any client exists, read-only after. */
@@ -89,6 +128,10 @@ static struct {
     int quiet;
     struct inbound_spec *inbound;
     size_t n_inbound;
+    long inbound_repeat;  /* copies of each inbound at its first publish */
+    int misbehave;        /* MIS_* bits */
+    long foreign_id;      /* --foreign-id, 0 = unset */
+    long storm;           /* abrupt drops at start, 0 = no storm */
 } cfg;
 
 /* Tallies for the summary: relaxed, nothing is published through them. */
@@ -199,6 +242,22 @@ static void emit_simple(const char *event, const struct device *d)
         emit(json_pack("{s:s,s:I}", "event", event, "device_id", (json_int_t)d->id));
 }
 
+/* Prints {"event":"misbehave","device_id":..,"mode":..,"detail":..}. */
+static void misbehave_event(const struct device *d, const char *mode, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void misbehave_event(const struct device *d, const char *mode, const char *fmt, ...)
+{
+    if (cfg.quiet)
+        return;
+    char detail[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(detail, sizeof detail, fmt, ap);
+    va_end(ap);
+    emit(json_pack("{s:s,s:I,s:s,s:s}", "event", "misbehave", "device_id", (json_int_t)d->id, "mode",
+                   mode, "detail", detail));
+}
+
 static const char *status_name(int st)
 {
     switch (st) {
@@ -268,7 +327,7 @@ static void on_report_fail(void *context, MQTTAsync_failureData *resp)
 /* Publishes one report for id with status st (QoS 1) and prints its event.
  * Must not be called with d->mu held. Takes a unit of n_owed that the PUBACK
  * returns; a publish paho refuses (disconnected) goes to the retry list. */
-static void publish_report(struct device *d, int64_t id, int st)
+static void publish_report_once(struct device *d, int64_t id, int st)
 {
     char payload[FAIL_ERROR_MAX * 6 + 96];
     int len;
@@ -314,12 +373,40 @@ static void publish_report(struct device *d, int64_t id, int st)
     }
 }
 
-/* Publishes the reports of a fresh send in order: sent, then its outcome. */
+/* Publishes a report: once, or REPEAT_COPIES times under --misbehave repeat
+ * (every copy its own QoS 1 publish, event and unit of n_owed). */
+static void publish_report(struct device *d, int64_t id, int st)
+{
+    int copies = (cfg.misbehave & MIS_REPEAT) ? REPEAT_COPIES : 1;
+    for (int i = 0; i < copies; i++)
+        publish_report_once(d, id, st);
+    if (copies > 1)
+        misbehave_event(d, "repeat", "report %" PRId64 " %s published %d times", id, status_name(st),
+                        copies);
+}
+
+/* Publishes the reports of a fresh send in order: sent, then its outcome
+ * (under --misbehave out-of-order: delivered first, then sent). */
 static void publish_report_sequence(struct device *d, int64_t id, int final)
 {
+    if (final == SEEN_DELIVERED && (cfg.misbehave & MIS_OUT_OF_ORDER)) {
+        publish_report(d, id, SEEN_DELIVERED);
+        publish_report(d, id, SEEN_SENT);
+        misbehave_event(d, "out-of-order", "report %" PRId64 " delivered published before sent", id);
+        return;
+    }
     if (final == SEEN_DELIVERED)
         publish_report(d, id, SEEN_SENT);
     publish_report(d, id, final);
+}
+
+/* Reports an id this device was never given as delivered (unknown-ids,
+ * foreign-ids). It is not remembered, so a retry after a failed publish
+ * finds no status for it and drops it. */
+static void publish_stray_report(struct device *d, int64_t id, const char *mode)
+{
+    publish_report(d, id, SEEN_DELIVERED);
+    misbehave_event(d, mode, "reported id %" PRId64 " as delivered", id);
 }
 
 static int publish_simple(struct device *d, const char *topic, const char *payload, int retained,
@@ -333,8 +420,9 @@ static int publish_simple(struct device *d, const char *topic, const char *paylo
     return MQTTAsync_sendMessage(d->client, topic, &msg, opts);
 }
 
-/* Publishes inbound SMS number i of d. Must not be called with d->mu held;
- * copies what it needs under the lock. */
+/* Publishes inbound SMS number i of d (the first time --inbound-repeat
+ * copies back to back). Must not be called with d->mu held; copies what it
+ * needs under the lock. */
 static void publish_inbound(struct device *d, size_t i)
 {
     pthread_mutex_lock(&d->mu);
@@ -360,16 +448,107 @@ static void publish_inbound(struct device *d, size_t i)
         json_decref(ev);
         return;
     }
-    int rc = publish_simple(d, d->t_inbound, payload, 0, NULL);
-    free(payload);
-    if (rc != MQTTASYNC_SUCCESS) {
-        LOG_INFO("device %" PRId64 ": inbound publish refused (%d), will retry", d->id, rc);
-    } else {
+    long copies = first && cfg.inbound_repeat > 1 ? cfg.inbound_repeat : 1, done = 0;
+    for (long k = 0; k < copies; k++) {
+        int rc = publish_simple(d, d->t_inbound, payload, 0, NULL);
+        if (rc != MQTTASYNC_SUCCESS) {
+            LOG_INFO("device %" PRId64 ": inbound publish refused (%d), will retry", d->id, rc);
+            break;
+        }
         atomic_fetch_add_explicit(&n_inbound_pub, 1, memory_order_relaxed);
-        if (!first)
-            LOG_INFO("device %" PRId64 ": re-published inbound %s", d->id, d->inb[i].id);
+        done++;
     }
+    free(payload);
+    if (done && !first)
+        LOG_INFO("device %" PRId64 ": re-published inbound %s", d->id, d->inb[i].id);
     emit(ev);
+    if (copies > 1)
+        misbehave_event(d, "inbound-repeat", "inbound %s published %ld of %ld times at once",
+                        d->inb[i].id, done, copies);
+}
+
+/* --misbehave garbage: payloads the server must reject without harm. None of
+ * them is a valid report, status or inbound SMS; the inbound ones that carry
+ * an id get one of their own (the server acknowledges those, API.md 8). */
+static const char *const garbage_report[] = {
+    "not json",
+    "",
+    "{\"id\":12,\"sta",
+    "[]",
+    "{}",
+    "{\"id\":\"x\"}",
+    "{\"id\":\"x\",\"status\":\"sent\"}",
+    "{\"id\":1,\"status\":\"bogus\"}",
+    "{\"id\":0,\"status\":\"sent\"}",
+    "{\"id\":-1,\"status\":\"delivered\"}",
+    "{\"id\":1.5,\"status\":\"sent\"}",
+    "{\"id\":99999999999999999999999,\"status\":\"sent\"}",
+    "{\"status\":\"delivered\"}",
+    "\xff\xfe{\"id\":1}",
+};
+/* Never "online":false-like, and never empty (an empty P/status looks like a
+ * cleared retained message): a server that takes any of these as offline is
+ * reading garbage, and the check is that the device stays online. */
+static const char *const garbage_status[] = {
+    "not json", "[]", "null", "{\"online\":\"yes\"}", "{\"online\":true",
+};
+/* %s is the device's garbage id stem. */
+static const char *const garbage_inbound[] = {
+    "not json",
+    "[]",
+    "{}",
+    "{\"message\":\"garbage: no id, no from\"}",
+    "{\"id\":\"%s-nofrom\",\"message\":\"garbage: id but no from\"}",
+    "{\"id\":\"%s-nomessage\",\"from\":\"+639170000000\"}",
+    "{\"id\":\"%s-badfrom\",\"from\":\"+63 not a number!\",\"message\":\"garbage: bad from\"}",
+};
+
+/* Writes payload into buf as printable ASCII (others as \xNN), for events. */
+static void printable(char *buf, size_t size, const char *payload, size_t len)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < len && o + 5 < size; i++) {
+        unsigned char ch = (unsigned char)payload[i];
+        if (ch >= 0x20 && ch < 0x7f)
+            buf[o++] = (char)ch;
+        else
+            o += (size_t)snprintf(buf + o, size - o, "\\x%02x", ch);
+    }
+    buf[o] = '\0';
+}
+
+static void publish_garbage_one(struct device *d, const char *topic, const char *name,
+                                const char *payload, int retained)
+{
+    char shown[256];
+    int rc = publish_simple(d, topic, payload, retained, NULL);
+    if (*payload)
+        printable(shown, sizeof shown, payload, strlen(payload));
+    else
+        snprintf(shown, sizeof shown, "(empty)");
+    if (rc != MQTTASYNC_SUCCESS)
+        LOG_INFO("device %" PRId64 ": garbage publish on %s refused (%d)", d->id, topic, rc);
+    else
+        misbehave_event(d, "garbage", "P/%s: %s", name, shown);
+}
+
+/* Publishes every garbage payload once (QoS 1, none retained). Not tracked
+ * for retries: garbage lost to a dropped connection is simply lost. */
+static void publish_garbage(struct device *d)
+{
+    char stem[32], payload[256];
+    uint32_t r = 0;
+    if (getrandom(&r, sizeof r, 0) != (ssize_t)sizeof r)
+        r = (uint32_t)rand() ^ (uint32_t)mono_ms();
+    snprintf(stem, sizeof stem, "garbage-%08" PRIx32, r);
+    for (size_t i = 0; i < sizeof garbage_report / sizeof *garbage_report; i++)
+        publish_garbage_one(d, d->t_report, "report", garbage_report[i], 0);
+    for (size_t i = 0; i < sizeof garbage_status / sizeof *garbage_status; i++)
+        publish_garbage_one(d, d->t_status, "status", garbage_status[i], 0);
+    for (size_t i = 0; i < sizeof garbage_inbound / sizeof *garbage_inbound; i++) {
+        snprintf(payload, sizeof payload, garbage_inbound[i], stem);
+        publish_garbage_one(d, d->t_inbound, "inbound", payload, 0);
+    }
 }
 
 /* ------------------------------------------------------------ delay queue */
@@ -504,6 +683,8 @@ static void handle_send(struct device *d, const char *payload, int len)
         else
             publish_report_sequence(d, id, final);
     }
+    if (cfg.misbehave & MIS_UNKNOWN_IDS)
+        publish_stray_report(d, id + UNKNOWN_ID_OFFSET, "unknown-ids");
     atomic_fetch_sub(&n_owed, 1); /* the placeholder */
 }
 
@@ -579,6 +760,7 @@ static void on_subscribed(void *context, MQTTAsync_successData *resp)
     pthread_mutex_lock(&d->mu);
     d->online = 1;
     d->connect_failures = 0;
+    int first_connect = ++d->connects == 1;
     size_t n_inb = d->n_inb;
     int64_t *retry = d->unsettled;
     size_t n_retry = d->n_unsettled;
@@ -588,6 +770,10 @@ static void on_subscribed(void *context, MQTTAsync_successData *resp)
 
     LOG_INFO("device %" PRId64 ": connected", d->id);
     emit_simple("connected", d);
+    if (first_connect && (cfg.misbehave & MIS_GARBAGE))
+        publish_garbage(d);
+    if (first_connect && (cfg.misbehave & MIS_FOREIGN_IDS))
+        publish_stray_report(d, cfg.foreign_id, "foreign-ids");
     for (size_t i = 0; i < n_inb; i++)
         publish_inbound(d, i);
     if (n_retry) {
@@ -747,16 +933,303 @@ static int make_inbound(struct device *d)
         return -ENOMEM;
     for (size_t i = 0; i < cfg.n_inbound; i++) {
         struct inbound *in = &d->inb[i];
-        uint32_t r = 0;
-        if (getrandom(&r, sizeof r, 0) != (ssize_t)sizeof r)
-            r = (uint32_t)rand() ^ (uint32_t)mono_ms();
-        snprintf(in->id, sizeof in->id, "sim-%zu-%08" PRIx32, i + 1, r);
+        if (cfg.inbound[i].id) {
+            snprintf(in->id, sizeof in->id, "%s", cfg.inbound[i].id);
+        } else {
+            uint32_t r = 0;
+            if (getrandom(&r, sizeof r, 0) != (ssize_t)sizeof r)
+                r = (uint32_t)rand() ^ (uint32_t)mono_ms();
+            snprintf(in->id, sizeof in->id, "sim-%zu-%08" PRIx32, i + 1, r);
+        }
         in->from = cfg.inbound[i].from;
         in->message = cfg.inbound[i].text;
         rfc3339_now(in->received_at, sizeof in->received_at);
     }
     d->n_inb = cfg.n_inbound;
     return 0;
+}
+
+/* ------------------------------------------------------------------ storm */
+
+/* --misbehave storm opens and drops its connections by hand, on plain
+ * sockets: paho always sends an MQTT DISCONNECT when asked to disconnect,
+ * and the point of the storm is that the broker sees the connection die and
+ * publishes the Last Will. Each connection is a minimal MQTT 3.1.1 client:
+ * CONNECT with the device's credentials and Will, the retained online
+ * status (QoS 1, waiting for its PUBACK), then close() without DISCONNECT. */
+
+static size_t put_str(uint8_t *p, const char *s)
+{
+    size_t n = strlen(s);
+    p[0] = (uint8_t)(n >> 8);
+    p[1] = (uint8_t)(n & 0xff);
+    memcpy(p + 2, s, n);
+    return n + 2;
+}
+
+/* Encodes an MQTT "remaining length" (at most 268,435,455); bytes used. */
+static size_t put_varint(uint8_t *p, size_t v)
+{
+    size_t n = 0;
+    do {
+        uint8_t b = v % 128;
+        v /= 128;
+        p[n++] = (uint8_t)(v ? b | 0x80 : b);
+    } while (v && n < 4);
+    return n;
+}
+
+static int send_all(int fd, const uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return w < 0 ? -errno : -EIO;
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static int recv_all(int fd, uint8_t *p, size_t n)
+{
+    while (n) {
+        ssize_t r = recv(fd, p, n, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return errno == EAGAIN || errno == EWOULDBLOCK ? -ETIMEDOUT : -errno;
+        if (r == 0)
+            return -ECONNRESET;
+        p += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+/* Reads one packet: returns its first byte (type and flags) and puts up to
+ * 4 bytes of its body in body (the rest is read and dropped), or -errno. */
+static int recv_packet(int fd, uint8_t body[4], size_t *len)
+{
+    uint8_t h, b;
+    size_t v = 0, shift = 0;
+    int rc = recv_all(fd, &h, 1);
+    do {
+        if (rc || (rc = recv_all(fd, &b, 1)))
+            return rc;
+        v |= (size_t)(b & 0x7f) << shift;
+        shift += 7;
+    } while ((b & 0x80) && shift < 28);
+    *len = v;
+    for (size_t i = 0; i < v; i++) {
+        uint8_t skip;
+        if ((rc = recv_all(fd, i < 4 ? &body[i] : &skip, 1)))
+            return rc;
+    }
+    return h;
+}
+
+/* Splits tcp://HOST:PORT (or mqtt://, [v6]:PORT, no port = 1883). */
+static int storm_parse_url(const char *url, char *host, size_t hsize, char *port, size_t psize)
+{
+    const char *p;
+    if (strncmp(url, "tcp://", 6) == 0)
+        p = url + 6;
+    else if (strncmp(url, "mqtt://", 7) == 0)
+        p = url + 7;
+    else
+        return -EPROTONOSUPPORT;
+    const char *hend, *colon;
+    if (*p == '[') {
+        p++;
+        hend = strchr(p, ']');
+        if (!hend)
+            return -EINVAL;
+        colon = hend[1] == ':' ? hend + 1 : NULL;
+    } else {
+        colon = strrchr(p, ':');
+        hend = colon ? colon : p + strlen(p);
+    }
+    size_t hl = (size_t)(hend - p);
+    const char *pt = colon ? colon + 1 : "1883";
+    size_t pl = strcspn(pt, "/");
+    if (hl == 0 || hl >= hsize || pl == 0 || pl >= psize)
+        return -EINVAL;
+    memcpy(host, p, hl);
+    host[hl] = '\0';
+    memcpy(port, pt, pl);
+    port[pl] = '\0';
+    return 0;
+}
+
+static int storm_connect_socket(const struct device *d, int *out)
+{
+    char host[256], port[16];
+    int rc = storm_parse_url(d->url, host, sizeof host, port, sizeof port);
+    if (rc)
+        return rc;
+    struct addrinfo hints, *ai = NULL;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(host, port, &hints, &ai) != 0 || !ai)
+        return -EHOSTUNREACH;
+    rc = -ECONNREFUSED;
+    for (struct addrinfo *a = ai; a; a = a->ai_next) {
+        int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+        if (fd < 0) {
+            rc = -errno;
+            continue;
+        }
+        /* The timeouts bound connect() too (Linux), so a dead broker cannot
+         * hang the start. */
+        struct timeval tv = { .tv_sec = STORM_IO_TIMEOUT_S, .tv_usec = 0 };
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        if (connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
+            *out = fd;
+            rc = 0;
+            break;
+        }
+        rc = -errno;
+        close(fd);
+    }
+    freeaddrinfo(ai);
+    return rc;
+}
+
+/* Opens one storm connection for d and announces it online; *out is the
+ * socket to drop. 0 or -errno (nothing left open). */
+static int storm_open(const struct device *d, int *out)
+{
+    static const char online[] = "{\"online\":true,\"sim\":\"tt-devsim\"}";
+    static const char offline[] = "{\"online\":false}";
+    const char *user = d->username, *pass = d->username ? d->password : NULL;
+    size_t l_cid = strlen(d->client_id), l_topic = strlen(d->t_status);
+    size_t l_user = user ? strlen(user) : 0, l_pass = pass ? strlen(pass) : 0;
+    if (l_cid > 65535 || l_topic > 65535 || l_user > 65535 || l_pass > 65535)
+        return -ENAMETOOLONG;
+
+    /* CONNECT body: protocol name, level, flags, keepalive, then the strings. */
+    size_t body = 10 + 2 + l_cid + 2 + l_topic + 2 + strlen(offline) + (user ? 2 + l_user : 0) +
+                  (pass ? 2 + l_pass : 0);
+    size_t pub_body = 2 + l_topic + 2 + strlen(online);
+    size_t cap = (body > pub_body ? body : pub_body) + 5;
+    uint8_t *buf = malloc(cap);
+    if (!buf)
+        return -ENOMEM;
+
+    int fd = -1;
+    int rc = storm_connect_socket(d, &fd);
+    if (rc) {
+        free(buf);
+        return rc;
+    }
+    size_t n = 0;
+    buf[n++] = 0x10; /* CONNECT */
+    n += put_varint(buf + n, body);
+    n += put_str(buf + n, "MQTT");
+    buf[n++] = 4; /* 3.1.1 */
+    /* clean session, Will (QoS 1, retained), username, password */
+    buf[n++] = (uint8_t)(0x02 | 0x04 | 0x08 | 0x20 | (user ? 0x80 : 0) | (pass ? 0x40 : 0));
+    buf[n++] = 0;
+    buf[n++] = 10; /* keepalive, s */
+    n += put_str(buf + n, d->client_id);
+    n += put_str(buf + n, d->t_status);
+    n += put_str(buf + n, offline);
+    if (user)
+        n += put_str(buf + n, user);
+    if (pass)
+        n += put_str(buf + n, pass);
+    uint8_t ack[4];
+    size_t alen = 0;
+    if ((rc = send_all(fd, buf, n)) != 0)
+        goto out;
+    rc = recv_packet(fd, ack, &alen);
+    if (rc >= 0 && (rc != 0x20 || alen != 2))
+        rc = -EPROTO;
+    else if (rc >= 0 && ack[1] != 0)
+        rc = ack[1] == 4 || ack[1] == 5 ? -EACCES : -ECONNREFUSED;
+    if (rc < 0)
+        goto out;
+
+    n = 0;
+    buf[n++] = 0x33; /* PUBLISH, QoS 1, retained */
+    n += put_varint(buf + n, pub_body);
+    n += put_str(buf + n, d->t_status);
+    buf[n++] = 0;
+    buf[n++] = 1; /* packet id */
+    memcpy(buf + n, online, strlen(online));
+    n += strlen(online);
+    if ((rc = send_all(fd, buf, n)) != 0)
+        goto out;
+    for (;;) { /* anything else the broker sends first is not ours to handle */
+        rc = recv_packet(fd, ack, &alen);
+        if (rc < 0 || ((rc & 0xf0) == 0x40 && alen == 2 && ack[0] == 0 && ack[1] == 1))
+            break;
+    }
+    if (rc >= 0)
+        rc = 0;
+out:
+    free(buf);
+    if (rc) {
+        close(fd);
+        return rc;
+    }
+    *out = fd;
+    return 0;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR && !got_signal)
+        ;
+}
+
+/* Runs the storm of every device before paho connects them: --storm rounds,
+ * each connecting and announcing every device, holding STORM_HOLD_MS, then
+ * dropping them all and waiting STORM_GAP_MS (so the broker has published
+ * the Will before the next CONNECT with the same client id). A device whose
+ * storm connection fails leaves the storm and just starts normally. */
+static void storm_run(void)
+{
+    int *fds = malloc(cfg.n_devs * sizeof *fds);
+    if (!fds) {
+        logmsg("out of memory: no storm");
+        return;
+    }
+    /* fds[i]: an open storm socket, STORM_IDLE between connections, or
+     * STORM_LEFT once the device left the storm. */
+    enum { STORM_IDLE = -2, STORM_LEFT = -1 };
+    for (size_t i = 0; i < cfg.n_devs; i++)
+        fds[i] = STORM_IDLE;
+    for (long k = 1; k <= cfg.storm && !got_signal; k++) {
+        for (size_t i = 0; i < cfg.n_devs; i++) {
+            struct device *d = &cfg.devs[i];
+            if (fds[i] == STORM_LEFT)
+                continue;
+            int rc = storm_open(d, &fds[i]);
+            if (rc) {
+                fds[i] = STORM_LEFT;
+                logmsg("device %" PRId64 ": storm connection %ld failed (%s)", d->id, k, strerror(-rc));
+                misbehave_event(d, "storm", "connection %ld of %ld failed (%s), connecting normally", k,
+                                cfg.storm, strerror(-rc));
+            }
+        }
+        sleep_ms(STORM_HOLD_MS);
+        for (size_t i = 0; i < cfg.n_devs; i++) {
+            if (fds[i] < 0)
+                continue;
+            close(fds[i]);
+            fds[i] = STORM_IDLE;
+            misbehave_event(&cfg.devs[i], "storm", "connection %ld of %ld dropped without DISCONNECT", k,
+                            cfg.storm);
+        }
+        sleep_ms(STORM_GAP_MS);
+    }
+    free(fds);
 }
 
 /* ------------------------------------------------------------- lifecycle */
@@ -893,7 +1366,23 @@ static void usage(FILE *f)
           "  --exit-after N       exit 0 after N distinct sends and their reports are acknowledged\n"
           "  --duration SECONDS   exit 0 after that long\n"
           "  --quiet              no per-event output; a JSON summary line at exit\n"
-          "Counts of --drop-after/--exit-after are totals over all devices of the process.\n",
+          "  --inbound-id ID      fixed id (1 to 64 printable ASCII) for the next --inbound\n"
+          "  --inbound-repeat N   publish each --inbound N times at once (same id) the first\n"
+          "                       time, besides the re-publishing until acknowledged\n"
+          "  --misbehave MODE     break the protocol on purpose (repeatable):\n"
+          "     garbage           after the first connect, publish non-JSON and wrongly shaped\n"
+          "                       payloads on P/report, P/status (not retained), P/inbound\n"
+          "     unknown-ids       for every new send also report id + 1000000 as delivered\n"
+          "     foreign-ids       report --foreign-id N as delivered once after the first connect\n"
+          "     repeat            publish every report 3 times\n"
+          "     out-of-order      report delivered first, then sent\n"
+          "     storm             at start, connect and drop the connection without DISCONNECT\n"
+          "                       (the Will fires) --storm N times, ~100 ms apart, then connect\n"
+          "                       normally and stay\n"
+          "  --foreign-id N       message id for foreign-ids (implies --misbehave foreign-ids)\n"
+          "  --storm N            drops of the storm (implies --misbehave storm; default 5)\n"
+          "Counts of --drop-after/--exit-after are totals over all devices of the process.\n"
+          "Every misbehaviour prints {\"event\":\"misbehave\",\"device_id\":..,\"mode\":..,\"detail\":..}.\n",
           f);
 }
 
@@ -921,6 +1410,11 @@ int main(int argc, char **argv)
         { "exit-after", required_argument, NULL, 'x' },
         { "duration", required_argument, NULL, 't' },
         { "quiet", no_argument, NULL, 'q' },
+        { "inbound-id", required_argument, NULL, 'I' },
+        { "inbound-repeat", required_argument, NULL, 'R' },
+        { "misbehave", required_argument, NULL, 'm' },
+        { "foreign-id", required_argument, NULL, 'f' },
+        { "storm", required_argument, NULL, 's' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -930,6 +1424,7 @@ int main(int argc, char **argv)
     if (!cred_files || !cfg.inbound)
         return 1;
     cfg.fail_error = "carrier_rejected";
+    const char *next_inbound_id = NULL; /* --inbound-id waiting for its --inbound */
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         switch (c) {
@@ -986,7 +1481,55 @@ int main(int argc, char **argv)
             *colon = '\0';
             cfg.inbound[cfg.n_inbound].from = optarg;
             cfg.inbound[cfg.n_inbound].text = colon + 1;
+            cfg.inbound[cfg.n_inbound].id = next_inbound_id;
+            next_inbound_id = NULL;
             cfg.n_inbound++;
+            break;
+        }
+        case 'I': {
+            size_t n = strlen(optarg);
+            int ok = n >= 1 && n <= INBOUND_ID_MAX;
+            for (size_t i = 0; ok && i < n; i++)
+                ok = optarg[i] >= 0x20 && optarg[i] < 0x7f;
+            if (!ok) {
+                fprintf(stderr, "tt-devsim: --inbound-id must be 1 to %d printable ASCII characters\n",
+                        INBOUND_ID_MAX);
+                return 2;
+            }
+            next_inbound_id = optarg;
+            break;
+        }
+        case 'R':
+        case 'f':
+        case 's': {
+            long v;
+            if (parse_long(optarg, 1, &v)) {
+                fprintf(stderr, "tt-devsim: bad number for --%s: %s\n",
+                        c == 'R' ? "inbound-repeat" : c == 'f' ? "foreign-id" : "storm", optarg);
+                return 2;
+            }
+            if (c == 'R') {
+                cfg.inbound_repeat = v;
+            } else if (c == 'f') {
+                cfg.foreign_id = v;
+                cfg.misbehave |= MIS_FOREIGN_IDS;
+            } else {
+                cfg.storm = v;
+                cfg.misbehave |= MIS_STORM;
+            }
+            break;
+        }
+        case 'm': {
+            size_t k, n = sizeof mis_modes / sizeof *mis_modes;
+            for (k = 0; k < n; k++)
+                if (strcmp(optarg, mis_modes[k].name) == 0)
+                    break;
+            if (k == n) {
+                fprintf(stderr, "tt-devsim: --misbehave must be one of garbage, unknown-ids, "
+                                "foreign-ids, repeat, out-of-order, storm\n");
+                return 2;
+            }
+            cfg.misbehave |= mis_modes[k].bit;
             break;
         }
         case 't': {
@@ -1013,6 +1556,16 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    if (next_inbound_id) {
+        fprintf(stderr, "tt-devsim: --inbound-id must be followed by the --inbound it names\n");
+        return 2;
+    }
+    if ((cfg.misbehave & MIS_FOREIGN_IDS) && !cfg.foreign_id) {
+        fprintf(stderr, "tt-devsim: --misbehave foreign-ids needs --foreign-id N\n");
+        return 2;
+    }
+    if ((cfg.misbehave & MIS_STORM) && !cfg.storm)
+        cfg.storm = STORM_DEFAULT;
     json_t *fe = json_string(cfg.fail_error);
     cfg.fail_error_json = fe ? json_dumps(fe, JSON_ENCODE_ANY) : NULL;
     json_decref(fe);
@@ -1056,6 +1609,8 @@ int main(int argc, char **argv)
         }
     }
     LOG_INFO("starting %zu device(s)", cfg.n_devs);
+    if (cfg.storm)
+        storm_run();
     for (size_t i = 0; i < cfg.n_devs; i++)
         if (device_start(&cfg.devs[i])) {
             shutdown_all();
