@@ -122,8 +122,22 @@ static int account_create(tt_store *st, const char *name, uint64_t *account_id, 
 
 /* ---- data directory --------------------------------------------------------------- */
 
+/* Creates dir and its missing parents (like mkdir -p). */
 static int ensure_dir(const char *dir)
 {
+    char path[4096];
+    if (snprintf(path, sizeof(path), "%s", dir) >= (int)sizeof(path))
+        return -ENAMETOOLONG;
+    for (char *p = path + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = 0;
+        if (mkdir(path, 0700) != 0 && errno != EEXIST) {
+            LOG_ERROR("cannot create the data directory %s: %s", path, strerror(errno));
+            return -errno;
+        }
+        *p = '/';
+    }
     if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
         LOG_ERROR("cannot create the data directory %s: %s", dir, strerror(errno));
         return -errno;

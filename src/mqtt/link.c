@@ -180,6 +180,17 @@ static void on_lost(void *ctx, char *cause)
     notify_devices(k, 0);
 }
 
+/* MQTT 5: the broker closed the session with a DISCONNECT packet (for
+ * example an administrative disconnect when our broker role changes). paho
+ * reports that here, not as a lost connection. */
+static void on_disconnected5(void *ctx, MQTTProperties *props, enum MQTTReasonCodes rc)
+{
+    link *k = ctx;
+    char why[64];
+    snprintf(why, sizeof(why), "the broker disconnected it (reason %d)", (int)rc);
+    on_lost(k, why);
+}
+
 static void subscribe_ids(link *k, const uint64_t *ids, size_t n)
 {
     /* Subscribe in chunks: each device has three topics. */
@@ -276,6 +287,8 @@ static int link_create_client(link *k)
         return -EINVAL;
     }
     MQTTAsync_setCallbacks(k->client, k, on_lost, on_arrived, NULL);
+    if (k->mqtt_version == MQTTVERSION_5)
+        MQTTAsync_setDisconnected(k->client, k, on_disconnected5);
     k->client_version = k->mqtt_version;
     return 0;
 }
@@ -341,6 +354,9 @@ static void *supervisor_main(void *arg)
             pthread_mutex_lock(&l->mu);
             link *k = l->links[i];
             pthread_mutex_unlock(&l->mu);
+            if (k && atomic_load_explicit(&k->state, memory_order_acquire) == LS_UP && k->client &&
+                !MQTTAsync_isConnected(k->client))
+                on_lost(k, "the connection is gone");
             if (k && atomic_load_explicit(&k->state, memory_order_acquire) == LS_DOWN &&
                 now >= k->next_attempt_ms)
                 link_connect(k);
