@@ -12,6 +12,7 @@
 #include "actors/proto.h"
 #include "server.h"
 #include "util/clock.h"
+#include "http/metrics.h"
 #include "util/log.h"
 #include "util/phone.h"
 #include "util/safeword.h"
@@ -131,6 +132,8 @@ static preq *wr(device *d)
  * the device's store queue (it is no longer pending). */
 static void write_msg(device *d, const msg_rec *r, int dequeue)
 {
+    if (dequeue || r->status != ST_PENDING)
+        metrics_message(r->direction == DIR_INBOUND, r->status);
     char *val;
     size_t vlen;
     preq *q = wr(d);
@@ -613,7 +616,7 @@ static void on_status(device *d, const char *payload, size_t len)
     json_t *on = o ? json_object_get(o, "online") : NULL;
     if (!o || !json_is_object(o) || !json_is_boolean(on)) {
         LOG_WARN("device %" PRIu64 ": ignoring a status that is not {\"online\":true|false,...}", d->h->id);
-        atomic_fetch_add_explicit(&d->srv->metrics.device_bad_payload, 1, memory_order_relaxed);
+        metrics_device_rejected("status");
         json_decref(o);
         return;
     }
@@ -677,7 +680,7 @@ static void on_report(device *d, const char *payload, size_t len)
     if (!json_is_object(o) || !json_is_integer(jid) || json_integer_value(jid) <= 0 || !json_is_string(jst) ||
         parse_status(json_string_value(jst), &st) != 0 || (jerr && !json_is_string(jerr) && !json_is_null(jerr))) {
         LOG_WARN("device %" PRIu64 ": ignoring a malformed report", d->h->id);
-        atomic_fetch_add_explicit(&d->srv->metrics.device_bad_payload, 1, memory_order_relaxed);
+        metrics_device_rejected("report");
         json_decref(o);
         return;
     }
@@ -725,11 +728,11 @@ static void on_report(device *d, const char *payload, size_t len)
     int rc = store_get(d->srv->store, k, key_u64(k, K_MESSAGE, id), &msg_schema, &r);
     if (rc != 0 || r.device_id != d->h->id || r.direction != DIR_OUTBOUND) {
         LOG_WARN("device %" PRIu64 ": report for message %" PRIu64 " which it does not own; ignored", d->h->id, id);
-        atomic_fetch_add_explicit(&d->srv->metrics.reports_unknown, 1, memory_order_relaxed);
+        metrics_report_ignored("unknown");
     } else if (msg_status_final(r.status)) {
         LOG_INFO("device %" PRIu64 ": late %s report for message %" PRIu64 " which is already %s; ignored",
                  d->h->id, json_string_value(jst), id, msg_status_name(r.status));
-        atomic_fetch_add_explicit(&d->srv->metrics.reports_late, 1, memory_order_relaxed);
+        metrics_report_ignored("late");
     } else if (r.status == ST_PENDING) {
         q_remove(d, id);
         if (apply_report(&r, st, error, now))
@@ -806,7 +809,7 @@ static void on_inbound(device *d, const char *payload, size_t len)
         tt_sms_analyze(json_string_value(jmsg), json_string_length(jmsg), &info) != 0 ||
         json_string_length(jmsg) == 0) {
         LOG_WARN("device %" PRIu64 ": ignoring a malformed inbound SMS%s%s", d->h->id, id ? " " : "", id ? id : "");
-        atomic_fetch_add_explicit(&d->srv->metrics.device_bad_payload, 1, memory_order_relaxed);
+        metrics_device_rejected("inbound");
         if (id)
             publish_ack(d, id); /* so a broken device does not resend it forever */
         json_decref(o);

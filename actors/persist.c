@@ -12,6 +12,7 @@
 
 #include "actors/proto.h"
 #include "util/clock.h"
+#include "http/metrics.h"
 #include "util/log.h"
 
 /* ---- request builder ---------------------------------------------------- */
@@ -328,6 +329,7 @@ static void persist_batch_end(rt_actor *self, void *state)
         atomic_fetch_add_explicit(&ps->stats->latency_us_sum, (uint64_t)(tt_mono_ms() - t0) * 1000,
                                   memory_order_relaxed);
         hist_add(ps->stats, ps->batch_requests);
+        metrics_commit(ps->batch_requests, (tt_mono_ms() - t0) * 1000);
     }
     rocksdb_writebatch_clear(ps->wb);
     ps->batch_requests = 0;

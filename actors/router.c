@@ -17,6 +17,7 @@
 #include "server.h"
 #include "util/clock.h"
 #include "util/crypto.h"
+#include "http/metrics.h"
 #include "util/log.h"
 #include "util/safeword.h"
 #include <sodium.h>
@@ -314,6 +315,7 @@ static int route_one(router *rt, const submit *s, preq *q, char **val, size_t *v
     preq_put(q, k, key_acctmsg(k, s->account_id, r.id), "", 0);
     preq_post(q, rt_actor_mailbox(h->actor), 0, DEV_MESSAGE, 0, *val, *vlen);
     atomic_fetch_add_explicit(&h->queued, 1, memory_order_relaxed);
+    metrics_message(0, ST_PENDING);
     *hout = h;
     return 0;
 }

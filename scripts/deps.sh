@@ -1,7 +1,7 @@
 # deps.sh: installs the Debian packages Taratxt needs, when any is missing.
 # Sourced by scripts/run and scripts/test.
 TT_PACKAGES="build-essential cmake pkg-config libcivetweb-dev libpaho-mqtt-dev libck-dev libmsgpack-dev
-librocksdb-dev libjansson-dev libsodium-dev mosquitto mosquitto-clients python3 wrk curl"
+librocksdb-dev libjansson-dev libsodium-dev mosquitto mosquitto-clients python3 wrk curl prometheus"
 
 tt_install_deps() {
     local missing=""

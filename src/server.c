@@ -346,7 +346,8 @@ int tt_server_start(tt_server *srv)
         goto fail;
     size_t nroutes;
     const http_route *routes = handlers_routes(&nroutes);
-    http_config hc = {srv->o.listen, srv->o.http_threads, routes, nroutes, "/api/v1", handlers_auth, srv, NULL};
+    http_config hc = {srv->o.listen, srv->o.http_threads, routes, nroutes, "/api/v1", handlers_auth, srv,
+                      handlers_on_response};
     if ((rc = http_start(&hc, &srv->http)) != 0)
         goto fail;
     srv->started = 1;

@@ -30,12 +30,6 @@ typedef struct devreg {
 dev_handle *devreg_get(devreg *r, uint64_t id);
 int devreg_put(devreg *r, uint64_t id, dev_handle *h);
 
-typedef struct server_metrics {
-    _Atomic uint64_t reports_late;      /* reports for final messages */
-    _Atomic uint64_t reports_unknown;   /* reports for ids this device does not own */
-    _Atomic uint64_t device_bad_payload;
-} server_metrics;
-
 struct tt_server {
     tt_server_options o;          /* strings point into owned copies below */
     char *owned[12];
@@ -50,7 +44,6 @@ struct tt_server {
     http_server *http;
     _Atomic int store_ok;         /* cleared by persist on a failed write */
     persist_stats pstats;
-    server_metrics metrics;
     _Atomic uint64_t next_message_id; /* ids are handed out by fetch_add */
     devreg reg;
     char *initial_token;

@@ -18,6 +18,7 @@
 #include "server.h"
 #include "util/clock.h"
 #include "util/crypto.h"
+#include "http/metrics.h"
 #include "util/log.h"
 #include "util/phone.h"
 #include "util/safeword.h"
@@ -1214,10 +1215,28 @@ static void h_healthz(http_req *r)
     http_reply_json(r, ok ? 200 : 503, o, NULL);
 }
 
+static void h_metrics(http_req *r)
+{
+    char *text;
+    size_t len;
+    if (metrics_render(r->app, &text, &len) != 0) {
+        http_reply_problem(r, 500, "internal_error", "out of memory");
+        return;
+    }
+    http_reply_text(r, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
+    free(text);
+}
+
+void handlers_on_response(void *app, const char *route, const char *method, int status)
+{
+    metrics_http(route, method, status);
+}
+
 /* ---- table ------------------------------------------------------------------------------ */
 
 static const http_route routes[] = {
     {"GET", "/healthz", h_healthz, 0, 0},
+    {"GET", "/metrics", h_metrics, 0, 0},
     {"POST", "/api/v1/messages", h_post_messages, 1, BODY_MAX},
     {"POST", "/api/v1/messages/batch", h_post_batch, 1, 2 * 1024 * 1024},
     {"GET", "/api/v1/messages", h_list_messages, 1, 0},

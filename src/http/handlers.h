@@ -10,6 +10,8 @@ const http_route *handlers_routes(size_t *n);
 int handlers_auth(void *app, const char *token, uint64_t *account_id, uint64_t *token_id);
 /* Frees the HTTP workers' reply mailboxes; only after the scheduler stopped. */
 void handlers_free_waiters(void);
+/* Records each response in the metrics. */
+void handlers_on_response(void *app, const char *route, const char *method, int status);
 /* The API's JSON view of a message. */
 json_t *view_message(const msg_rec *m);
 
