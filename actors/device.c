@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <sodium.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -421,7 +422,20 @@ static void rate_note(device *d, int64_t now)
 static int hand_over(device *d, witem *w, int64_t now)
 {
     msg_rec *r = w->rec;
-    json_t *o = json_pack("{sIssss}", "id", (json_int_t)r->id, "to", r->to ? r->to : "", "message", r->text);
+    /* An OTP's text is stored sealed (the record shows it masked); only the
+     * device gets the code. */
+    uint8_t *plain = NULL;
+    size_t plen = 0;
+    if (r->sealed.len && tt_unseal(d->srv->key, r->sealed.ptr, r->sealed.len, &plain, &plen) != 0) {
+        LOG_ERROR("message %" PRIu64 ": its sealed text does not open with this server key", r->id);
+        return -EIO;
+    }
+    json_t *o = json_pack("{sIssss}", "id", (json_int_t)r->id, "to", r->to ? r->to : "", "message",
+                          plain ? (const char *)plain : r->text);
+    if (plain) {
+        sodium_memzero(plain, plen);
+        free(plain);
+    }
     if (!o)
         return -EAGAIN;
     if (r->safe_word)

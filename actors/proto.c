@@ -16,6 +16,7 @@ static const rt_field problem_fields[] = {
     RT_FIELD(problem, status, RT_F_U64),
     RT_FIELD(problem, code, RT_F_STR),
     RT_FIELD(problem, detail, RT_F_STR),
+    RT_FIELD(problem, retry_after, RT_F_U64),
 };
 const rt_schema problem_schema = RT_SCHEMA("problem", problem_fields);
 
@@ -33,6 +34,8 @@ static const rt_field submit_fields[] = {
     RT_FIELD(submit, idem_key, RT_F_NSTR),
     RT_FIELD(submit, idem_route, RT_F_U64),
     RT_FIELD(submit, idem_hash, RT_F_BIN),
+    RT_FIELD(submit, idem_failures_only, RT_F_BOOL),
+    RT_FIELD(submit, sealed, RT_F_BIN),
 };
 const rt_schema submit_schema = RT_SCHEMA("submit", submit_fields);
 
@@ -98,6 +101,55 @@ static const rt_field dev_cancel_fields[] = {
 };
 const rt_schema dev_cancel_schema = RT_SCHEMA("dev_cancel", dev_cancel_fields);
 
+static const rt_field otp_send_fields[] = {
+    RT_FIELD(otp_send, account_id, RT_F_U64),
+    RT_FIELD(otp_send, number, RT_F_STR),
+    RT_FIELD(otp_send, length, RT_F_U64),
+    RT_FIELD(otp_send, minutes, RT_F_U64),
+    RT_FIELD(otp_send, device_id, RT_F_U64),
+    RT_FIELD(otp_send, idem_key, RT_F_NSTR),
+    RT_FIELD(otp_send, idem_hash, RT_F_BIN),
+};
+const rt_schema otp_send_schema = RT_SCHEMA("otp_send", otp_send_fields);
+
+static const rt_field otp_verify_fields[] = {
+    RT_FIELD(otp_verify, account_id, RT_F_U64),
+    RT_FIELD(otp_verify, number, RT_F_STR),
+    RT_FIELD(otp_verify, code, RT_F_STR),
+};
+const rt_schema otp_verify_schema = RT_SCHEMA("otp_verify", otp_verify_fields);
+
+static const rt_field otp_reply_fields[] = {
+    RT_FIELD(otp_reply, number, RT_F_STR),
+    RT_FIELD(otp_reply, message_id, RT_F_U64),
+    RT_FIELD(otp_reply, expires_at, RT_F_I64),
+    RT_FIELD(otp_reply, length, RT_F_U64),
+};
+const rt_schema otp_reply_schema = RT_SCHEMA("otp_reply", otp_reply_fields);
+
+static const rt_field verify_reply_fields[] = {
+    RT_FIELD(verify_reply, verified, RT_F_BOOL),
+    RT_FIELD(verify_reply, reason, RT_F_NSTR),
+    RT_FIELD(verify_reply, attempts_left, RT_F_I64),
+};
+const rt_schema verify_reply_schema = RT_SCHEMA("verify_reply", verify_reply_fields);
+
+static const rt_field token_op_fields[] = {
+    RT_FIELD(token_op, account_id, RT_F_U64),
+    RT_FIELD(token_op, token_id, RT_F_U64),
+    RT_FIELD(token_op, name, RT_F_NSTR),
+};
+const rt_schema token_op_schema = RT_SCHEMA("token_op", token_op_fields);
+
+static const rt_field token_reply_fields[] = {
+    RT_FIELD(token_reply, id, RT_F_U64),
+    RT_FIELD(token_reply, name, RT_F_STR),
+    RT_FIELD(token_reply, prefix, RT_F_STR),
+    RT_FIELD(token_reply, created_at, RT_F_I64),
+    RT_FIELD(token_reply, token, RT_F_NSTR),
+};
+const rt_schema token_reply_schema = RT_SCHEMA("token_reply", token_reply_fields);
+
 static const rt_field idem_fields[] = {
     RT_FIELD(idem_rec, v, RT_F_U64),
     RT_FIELD(idem_rec, hash, RT_F_BIN),
@@ -159,6 +211,12 @@ void proto_reply_problem(const rt_envelope *req, int status, const char *code, c
     va_start(ap, fmt);
     vsnprintf(detail, sizeof(detail), fmt, ap);
     va_end(ap);
-    problem p = {(uint64_t)status, (char *)code, detail};
+    problem p = {(uint64_t)status, (char *)code, detail, 0};
+    proto_reply(req, REPLY_PROBLEM, &problem_schema, &p);
+}
+
+void proto_reply_limited(const rt_envelope *req, uint64_t retry_after, const char *detail)
+{
+    problem p = {429, "rate_limited", (char *)detail, retry_after ? retry_after : 1};
     proto_reply(req, REPLY_PROBLEM, &problem_schema, &p);
 }

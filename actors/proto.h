@@ -22,6 +22,9 @@ enum {
     REPLY_STORE_FAILED = 5, /* the write could not be made durable */
     REPLY_PIN = 6,          /* pin_rec */
     REPLY_BATCH = 7,        /* batch results, see router.c */
+    REPLY_OTP = 8,          /* otp_reply */
+    REPLY_VERIFY = 9,       /* verify_reply */
+    REPLY_TOKEN = 10,       /* token_reply */
 
     /* persist */
     PERSIST_WRITE = 100,    /* ops + posts, see persist.h */
@@ -36,6 +39,13 @@ enum {
     ROUTER_DEVICE_DELETE = 205, /* device_patch (only ids) */
     ROUTER_DEVICE_ROTATE = 206, /* device_patch (only ids) */
     ROUTER_BATCH = 207,     /* array of submit payloads (bin) */
+    ROUTER_TOKEN_CREATE = 208, /* token_op */
+    ROUTER_TOKEN_DELETE = 209, /* token_op */
+    ROUTER_TICK = 210,      /* timer: flush token last-use times */
+
+    /* otp */
+    OTP_SEND = 400,         /* otp_send */
+    OTP_VERIFY = 401,       /* otp_verify */
 
     /* device */
     DEV_MESSAGE = 300,      /* msg_rec: a new message committed for this device */
@@ -58,6 +68,7 @@ typedef struct problem {
     uint64_t status;
     char *code;
     char *detail;
+    uint64_t retry_after;  /* seconds for a Retry-After header; 0: none */
 } problem;
 extern const rt_schema problem_schema;
 
@@ -75,6 +86,8 @@ typedef struct submit {
     char *idem_key;       /* Idempotency-Key, or NULL */
     uint64_t idem_route;
     rt_bin idem_hash;     /* hash of the request body as parsed JSON */
+    bool idem_failures_only; /* the caller stores the success response itself (OTP) */
+    rt_bin sealed;        /* OTP: the real text sealed; `text` is the masked one */
 } submit;
 extern const rt_schema submit_schema;
 
@@ -163,9 +176,60 @@ size_t key_idem(uint8_t *out, uint64_t account_id, uint64_t route, const char *k
 int idem_put(void *q /* preq */, uint64_t account_id, uint64_t route, const char *key, const rt_bin *hash,
              uint64_t status, uint16_t reply_type, const void *payload, size_t len);
 
+typedef struct otp_send {
+    uint64_t account_id;
+    char *number;
+    uint64_t length;
+    uint64_t minutes;
+    uint64_t device_id;
+    char *idem_key;
+    rt_bin idem_hash;
+} otp_send;
+extern const rt_schema otp_send_schema;
+
+typedef struct otp_verify {
+    uint64_t account_id;
+    char *number;
+    char *code;
+} otp_verify;
+extern const rt_schema otp_verify_schema;
+
+typedef struct otp_reply {
+    char *number;
+    uint64_t message_id;
+    int64_t expires_at;
+    uint64_t length;
+} otp_reply;
+extern const rt_schema otp_reply_schema;
+
+typedef struct verify_reply {
+    bool verified;
+    char *reason;         /* NULL when verified */
+    int64_t attempts_left; /* -1: not given */
+} verify_reply;
+extern const rt_schema verify_reply_schema;
+
+typedef struct token_op {
+    uint64_t account_id;
+    uint64_t token_id;    /* delete */
+    char *name;           /* create */
+} token_op;
+extern const rt_schema token_op_schema;
+
+typedef struct token_reply {
+    uint64_t id;
+    char *name;
+    char *prefix;
+    int64_t created_at;
+    char *token;          /* the secret, on create only */
+} token_reply;
+extern const rt_schema token_reply_schema;
+
 /* Sends a problem reply to env's reply mailbox (if any) and frees nothing. */
 void proto_reply_problem(const rt_envelope *req, int status, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+/* A 429 with the seconds until a retry may succeed. */
+void proto_reply_limited(const rt_envelope *req, uint64_t retry_after, const char *detail);
 /* Sends a reply {type, schema-encoded obj} to req's reply mailbox. */
 void proto_reply(const rt_envelope *req, uint16_t type, const rt_schema *s, const void *obj);
 

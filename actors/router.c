@@ -17,6 +17,7 @@
 #include "server.h"
 #include "util/clock.h"
 #include "util/crypto.h"
+#include "http/handlers.h"
 #include "http/metrics.h"
 #include "util/log.h"
 #include "util/safeword.h"
@@ -33,8 +34,11 @@ typedef struct router {
     acct_devs *accts;
     size_t nacct, capacct;
     uint64_t last_device_id;
+    uint64_t last_token_id;
     pincache *pins;
 } router;
+
+#define TOKEN_FLUSH_MS 60000
 
 static acct_devs *acct_get(router *rt, uint64_t account_id, int create)
 {
@@ -307,6 +311,7 @@ static int route_one(router *rt, const submit *s, preq *q, char **val, size_t *v
     r.expires_at = now + s->ttl_s * 1000;
     r.safe_word_verified = -1;
     r.safe_word = (char *)safe_word;
+    r.sealed = s->sealed;
     if (store_encode(&msg_schema, &r, val, vlen) != 0)
         return fail(o, 503, "overloaded", "out of memory");
     uint8_t k[KEY_MAX];
@@ -336,7 +341,7 @@ static int commit(router *rt, preq *q, dev_handle **hs, size_t nh)
 /* Encodes an outcome as a problem payload (malloc'd). */
 static int encode_outcome(const outcome *o, char **buf, size_t *len)
 {
-    problem p = {(uint64_t)o->status, (char *)o->code, (char *)o->detail};
+    problem p = {(uint64_t)o->status, (char *)o->code, (char *)o->detail, 0};
     return rt_codec_encode(&problem_schema, &p, buf, len);
 }
 
@@ -384,7 +389,7 @@ static void on_submit(router *rt, rt_envelope *env)
         preq_free(q);
         reply_failure(rt, env, &s, &o);
     } else {
-        if (s.idem_key)
+        if (s.idem_key && !s.idem_failures_only)
             idem_put(q, s.account_id, s.idem_route, s.idem_key, &s.idem_hash, 202, REPLY_MESSAGE, val, vlen);
         preq_post(q, env->reply, env->corr, REPLY_MESSAGE, REPLY_STORE_FAILED, val, vlen);
         if (commit(rt, q, &h, 1) != 0) {
@@ -692,6 +697,124 @@ out:
     rt_codec_free(&device_patch_schema, &p);
 }
 
+/* ---- tokens ---------------------------------------------------------------------- */
+
+static void on_token_create(router *rt, rt_envelope *env)
+{
+    token_op t = {0};
+    if (rt_codec_decode_env(&token_op_schema, PROTO_V1, env, &t) != 0 || !t.name) {
+        proto_reply_problem(env, 500, "internal_error", "malformed token request");
+        rt_codec_free(&token_op_schema, &t);
+        return;
+    }
+    char token[TT_TOKEN_LEN + 1], prefix[8];
+    uint8_t hash[TT_HASH_BYTES], k[KEY_MAX], idv[8];
+    tt_token_new(token);
+    tt_hash(NULL, token, TT_TOKEN_LEN, hash);
+    memcpy(prefix, token, 7);
+    prefix[7] = 0;
+    tok_rec r = {1, rt->last_token_id + 1, t.account_id, t.name, prefix, tt_now_ms(), 0, {hash, sizeof(hash)}};
+    token_reply rep = {r.id, r.name, prefix, r.created_at, token};
+    char *val = NULL, *rb = NULL;
+    size_t vlen, rlen;
+    preq *q = preq_new();
+    if (!q || store_encode(&tok_schema, &r, &val, &vlen) != 0 ||
+        rt_codec_encode(&token_reply_schema, &rep, &rb, &rlen) != 0) {
+        preq_free(q);
+        proto_reply_problem(env, 503, "overloaded", "out of memory");
+        goto out;
+    }
+    preq_put(q, k, key_u64(k, K_TOKEN, r.id), val, vlen);
+    key_put_u64(idv, r.id);
+    preq_put(q, k, key_tokhash(k, hash), idv, 8);
+    preq_post(q, env->reply, env->corr, REPLY_TOKEN, REPLY_STORE_FAILED, rb, rlen);
+    if (commit(rt, q, NULL, 0) != 0)
+        proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
+    else
+        rt->last_token_id = r.id;
+out:
+    sodium_memzero(token, sizeof(token));
+    free(val);
+    if (rb) {
+        sodium_memzero(rb, rlen);
+        free(rb);
+    }
+    rt_codec_free(&token_op_schema, &t);
+}
+
+static void on_token_delete(router *rt, rt_envelope *env)
+{
+    token_op t = {0};
+    tok_rec r = {0};
+    uint8_t k[KEY_MAX];
+    if (rt_codec_decode_env(&token_op_schema, PROTO_V1, env, &t) != 0) {
+        proto_reply_problem(env, 500, "internal_error", "malformed token request");
+        return;
+    }
+    if (store_get(rt->srv->store, k, key_u64(k, K_TOKEN, t.token_id), &tok_schema, &r) != 0 ||
+        r.account_id != t.account_id || r.hash.len != TT_HASH_BYTES) {
+        proto_reply_problem(env, 404, "not_found", "token %" PRIu64 " not found", t.token_id);
+        goto out;
+    }
+    preq *q = preq_new();
+    if (!q) {
+        proto_reply_problem(env, 503, "overloaded", "out of memory");
+        goto out;
+    }
+    preq_del(q, k, key_u64(k, K_TOKEN, r.id));
+    preq_del(q, k, key_tokhash(k, r.hash.ptr));
+    preq_post(q, env->reply, env->corr, REPLY_OK, REPLY_STORE_FAILED, NULL, 0);
+    if (commit(rt, q, NULL, 0) != 0)
+        proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
+    else
+        LOG_INFO("token %" PRIu64 " (%s...) of account %" PRIu64 " revoked", r.id, r.prefix, r.account_id);
+out:
+    rt_codec_free(&tok_schema, &r);
+    rt_codec_free(&token_op_schema, &t);
+}
+
+typedef struct flush_ctx {
+    router *rt;
+    preq *q;
+    size_t n;
+} flush_ctx;
+
+static int flush_token(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+{
+    flush_ctx *c = arg;
+    tok_rec r = {0};
+    if (klen != 9 || rt_codec_decode(&tok_schema, val, vlen, &r) != 0)
+        return 0;
+    int64_t used = tokens_last_used(r.id);
+    if (used > r.last_used_at) {
+        r.last_used_at = used;
+        char *v;
+        size_t vl;
+        if (store_encode(&tok_schema, &r, &v, &vl) == 0) {
+            preq_put(c->q, key, klen, v, vl);
+            free(v);
+            c->n++;
+        }
+    }
+    rt_codec_free(&tok_schema, &r);
+    return 0;
+}
+
+/* Writes the tokens' last-use times gathered in memory (a request does not
+ * write to disk just to say a token was used). */
+static void flush_token_use(router *rt)
+{
+    flush_ctx c = {rt, preq_new(), 0};
+    if (!c.q)
+        return;
+    uint8_t prefix[1] = {K_TOKEN};
+    store_scan(rt->srv->store, prefix, 1, NULL, 0, SIZE_MAX, flush_token, &c);
+    if (c.n == 0 || commit(rt, c.q, NULL, 0) != 0) {
+        if (c.n == 0)
+            preq_free(c.q);
+    }
+}
+
 /* ---- pin operations ------------------------------------------------------------ */
 
 static void reply_pin(preq *q, const rt_envelope *env, const pin_entry *e)
@@ -799,6 +922,16 @@ static void router_dispatch(rt_actor *self, void *state, rt_envelope *env)
         break;
     case ROUTER_DEVICE_DELETE:
         on_device_delete(rt, env);
+        break;
+    case ROUTER_TOKEN_CREATE:
+        on_token_create(rt, env);
+        break;
+    case ROUTER_TOKEN_DELETE:
+        on_token_delete(rt, env);
+        break;
+    case ROUTER_TICK:
+        flush_token_use(rt);
+        rt_timer_at(rt->srv->sched, self, tt_now_ms() + TOKEN_FLUSH_MS, ROUTER_TICK, 0);
         break;
     default:
         LOG_WARN("router: unknown message type %u", (unsigned)env->type);
@@ -908,8 +1041,11 @@ rt_actor *router_new(tt_server *srv)
         return NULL;
     }
     rt->last_device_id = last > rt->last_device_id ? last : rt->last_device_id;
+    rt->last_token_id = store_last_id(srv->store, K_TOKEN);
     rt_actor *a = rt_actor_new(srv->sched, "router", 1024, &router_ops, rt);
     if (!a)
         router_stopped(NULL, rt);
+    else
+        rt_timer_at(srv->sched, a, tt_now_ms() + TOKEN_FLUSH_MS, ROUTER_TICK, 0);
     return a;
 }

@@ -23,6 +23,8 @@
 
 #include "actors/device.h"
 #include "actors/persist.h"
+#include "actors/otp.h"
+#include "actors/proto.h"
 #include "actors/router.h"
 #include "http/handlers.h"
 #include "util/clock.h"
@@ -336,6 +338,9 @@ int tt_server_start(tt_server *srv)
     srv->router = router_new(srv);
     if (!srv->router)
         goto fail;
+    srv->otp = otp_new(srv);
+    if (!srv->otp)
+        goto fail;
     if ((rc = rt_sched_start(srv->sched)) != 0)
         goto fail;
     if ((rc = links_start(srv->links)) != 0)
@@ -370,6 +375,11 @@ int tt_server_stop(tt_server *srv)
         http_stop(srv->http); /* no new requests; those running got their answers */
         srv->http = NULL;
     }
+    if (srv->router) { /* tokens' last use goes to disk with the drain */
+        rt_envelope *tick = rt_envelope_new(ROUTER_TICK, PROTO_V1, NULL, 0);
+        if (tick && rt_send(srv->router, tick) != 0)
+            rt_envelope_free(tick);
+    }
     if (srv->sched)
         rt_sched_stop(srv->sched); /* actors drain, persist commits */
     if (srv->dynsec) {
@@ -383,6 +393,7 @@ int tt_server_stop(tt_server *srv)
     if (srv->sched) {
         rt_sched_free(srv->sched);
         srv->sched = NULL;
+        srv->persist = srv->router = srv->otp = NULL;
     }
     handlers_free_waiters();
     LOG_INFO("stopped; everything accepted is on disk");

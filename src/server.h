@@ -39,6 +39,7 @@ struct tt_server {
     rt_sched *sched;
     rt_actor *persist;
     rt_actor *router;
+    rt_actor *otp;
     mqtt_links *links;
     struct dynsec *dynsec;        /* broker ACL management, or NULL */
     http_server *http;

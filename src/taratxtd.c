@@ -49,6 +49,8 @@ static const opt opts[] = {
     {"otp-template", "TARATXT_OTP_TEMPLATE", "TEXT", OPT_STR, OFF(otp_template), 0, 0,
      "OTP text with {code} and {minutes}"},
     {"log-level", "TARATXT_LOG_LEVEL", "LEVEL", OPT_LEVEL, OFF(log_level), 0, 3, "debug, info, warn or error (default info)"},
+    {"test-clock", "TARATXT_TEST_CLOCK", "0|1", OPT_INT, OFF(test_clock), 0, 1,
+     "tests only: POST /api/v1/_test/clock moves the server's clock (default 0)"},
 };
 #define NOPTS (sizeof(opts) / sizeof(opts[0]))
 

@@ -52,11 +52,12 @@ typedef struct tt_server_options {
     void *log_arg;
     int log_level;               /* 0 debug .. 3 error (default 1) */
     int pin_cache_entries;       /* pins the router keeps in memory (default 262144) */
+    int test_clock;              /* tests only: enables POST /api/v1/_test/clock */
 } tt_server_options;
 
 #define TT_SERVER_OPTIONS_INIT { TT_SERVER_OPTIONS_VERSION, "127.0.0.1:8080", "./data", \
     "tcp://127.0.0.1:1883", NULL, NULL, "taratxt", "taratxt/v1", 4, NULL, 192, 0, 16, 120, \
-    "Your verification code is {code}. It expires in {minutes} minutes.", 0, NULL, NULL, 1, 262144 }
+    "Your verification code is {code}. It expires in {minutes} minutes.", 0, NULL, NULL, 1, 262144, 0 }
 
 /* Validates options, opens (or initialises) the data directory. */
 int tt_server_create(const tt_server_options *opts, tt_server **out);

@@ -6,6 +6,7 @@
 #include "http/handlers.h"
 
 #include <errno.h>
+#include <sodium.h>
 #include <msgpack.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -114,6 +115,10 @@ static int reply_if_problem(http_req *r, rt_envelope *env)
         http_reply_problem(r, 500, "internal_error", "malformed reply");
     } else if (p.status == 503) {
         http_reply_problem_ex(r, 503, p.code, p.detail, NULL, "Retry-After: 1\r\n");
+    } else if (p.retry_after) {
+        char hdr[48];
+        snprintf(hdr, sizeof(hdr), "Retry-After: %" PRIu64 "\r\n", p.retry_after);
+        http_reply_problem_ex(r, (int)p.status, p.code, p.detail, NULL, hdr);
     } else {
         http_reply_problem_ex(r, (int)p.status, p.code, p.detail, NULL, NULL);
     }
@@ -297,6 +302,7 @@ static void idem_end(idem_ctx *ic)
 
 static void render_batch(http_req *r, const char *payload, size_t len);
 static void reply_message(http_req *r, const msg_rec *m);
+static void reply_otp(http_req *r, const char *payload, size_t len);
 
 /* Answers again what a stored first response said. */
 static void idem_replay(http_req *r, const idem_rec *rec)
@@ -313,6 +319,9 @@ static void idem_replay(http_req *r, const idem_rec *rec)
         break;
     case REPLY_BATCH:
         render_batch(r, rec->payload.ptr, rec->payload.len);
+        return;
+    case REPLY_OTP:
+        reply_otp(r, rec->payload.ptr, rec->payload.len);
         return;
     case REPLY_PROBLEM:
         if (rt_codec_decode(&problem_schema, rec->payload.ptr, rec->payload.len, &p) == 0) {
@@ -1197,6 +1206,245 @@ static void h_cancel_message(http_req *r)
     rt_codec_free(&msg_schema, &m);
 }
 
+
+/* ---- OTP (API.md 6) ------------------------------------------------------------------- */
+
+static json_t *view_otp(const otp_reply *o)
+{
+    return json_pack("{sssIsosI}", "number", o->number, "message_id", (json_int_t)o->message_id, "expires_at",
+                     jtime(o->expires_at), "length", (json_int_t)o->length);
+}
+
+static void reply_otp(http_req *r, const char *payload, size_t len)
+{
+    otp_reply o = {0};
+    if (rt_codec_decode(&otp_reply_schema, payload, len, &o) != 0) {
+        http_reply_problem(r, 500, "internal_error", "unexpected reply");
+        return;
+    }
+    http_reply_json(r, 202, view_otp(&o), NULL);
+    rt_codec_free(&otp_reply_schema, &o);
+}
+
+/* An integer field in [lo, hi], or def when absent. */
+static int64_t int_field(json_t *b, const char *name, int64_t def, int64_t lo, int64_t hi, json_t *errs,
+                         const char *msg)
+{
+    json_t *j = json_object_get(b, name);
+    if (!j || json_is_null(j))
+        return def;
+    if (!json_is_integer(j) || json_integer_value(j) < lo || json_integer_value(j) > hi) {
+        field_error(errs, name, msg);
+        return def;
+    }
+    return json_integer_value(j);
+}
+
+static void h_otp_send(http_req *r)
+{
+    tt_server *srv = r->app;
+    idem_ctx ic;
+    if (idem_begin(r, IDEM_OTP, &ic))
+        return;
+    json_t *errs = json_array();
+    char number[TT_PHONE_MAX];
+    otp_send s = {r->account_id, number, 6, 5, 0, NULL, {NULL, 0}};
+    json_t *jn = json_object_get(r->body, "number");
+    if (!json_is_string(jn))
+        field_error(errs, "number", jn ? "must be a string" : "is required");
+    else if (tt_phone_normalize(json_string_value(jn), number) != 0)
+        field_error(errs, "number", "must be a phone number");
+    s.length = (uint64_t)int_field(r->body, "length", 6, 4, 10, errs, "must be an integer from 4 to 10");
+    s.minutes = (uint64_t)int_field(r->body, "expires_in", 5, 1, 60, errs, "must be an integer from 1 to 60 (minutes)");
+    s.device_id = (uint64_t)int_field(r->body, "device_id", 0, 1, (1LL << 53) - 1, errs, "must be a positive integer");
+    if (json_array_size(errs)) {
+        http_reply_validation(r, errs);
+        goto out;
+    }
+    json_decref(errs);
+    if (ic.key) {
+        s.idem_key = (char *)ic.key;
+        s.idem_hash = (rt_bin){ic.hash, TT_HASH_BYTES};
+    }
+    rt_envelope *rep = call(r, srv->otp, rt_codec_envelope(OTP_SEND, PROTO_V1, &otp_send_schema, &s));
+    if (!rep || reply_if_problem(r, rep))
+        goto out;
+    if (rep->type == REPLY_OTP)
+        reply_otp(r, rep->data, rep->len);
+    else
+        http_reply_problem(r, 500, "internal_error", "unexpected reply");
+    rt_envelope_free(rep);
+out:
+    idem_end(&ic);
+}
+
+static void h_otp_verify(http_req *r)
+{
+    tt_server *srv = r->app;
+    json_t *errs = json_array();
+    char number[TT_PHONE_MAX];
+    json_t *jn = json_object_get(r->body, "number"), *jc = json_object_get(r->body, "code");
+    if (!json_is_string(jn))
+        field_error(errs, "number", jn ? "must be a string" : "is required");
+    else if (tt_phone_normalize(json_string_value(jn), number) != 0)
+        field_error(errs, "number", "must be a phone number");
+    int digits = json_is_string(jc) && json_string_length(jc) >= 1 && json_string_length(jc) <= 10;
+    for (const char *c = digits ? json_string_value(jc) : ""; *c; c++)
+        digits &= *c >= '0' && *c <= '9';
+    if (!digits)
+        field_error(errs, "code", jc ? "must be a string of 1 to 10 digits" : "is required");
+    if (json_array_size(errs)) {
+        http_reply_validation(r, errs);
+        return;
+    }
+    json_decref(errs);
+    otp_verify v = {r->account_id, number, (char *)json_string_value(jc)};
+    rt_envelope *rep = call(r, srv->otp, rt_codec_envelope(OTP_VERIFY, PROTO_V1, &otp_verify_schema, &v));
+    if (!rep || reply_if_problem(r, rep))
+        return;
+    verify_reply vr = {0};
+    if (rep->type != REPLY_VERIFY || rt_codec_decode_env(&verify_reply_schema, PROTO_V1, rep, &vr) != 0) {
+        rt_envelope_free(rep);
+        http_reply_problem(r, 500, "internal_error", "unexpected reply");
+        return;
+    }
+    rt_envelope_free(rep);
+    json_t *o = json_pack("{sb}", "verified", vr.verified);
+    if (vr.reason)
+        json_object_set_new(o, "reason", json_string(vr.reason));
+    if (vr.attempts_left >= 0)
+        json_object_set_new(o, "attempts_left", json_integer(vr.attempts_left));
+    http_reply_json(r, 200, o, NULL);
+    rt_codec_free(&verify_reply_schema, &vr);
+}
+
+/* ---- tokens (API.md 7) ---------------------------------------------------------------- */
+
+static json_t *view_token(uint64_t id, const char *name, const char *prefix, int64_t created_at, int64_t last_used)
+{
+    json_t *o = json_pack("{sIssss}", "id", (json_int_t)id, "name", name, "prefix", prefix);
+    json_object_set_new(o, "created_at", jtime(created_at));
+    json_object_set_new(o, "last_used_at", jtime(last_used));
+    return o;
+}
+
+static void h_post_token(http_req *r)
+{
+    tt_server *srv = r->app;
+    json_t *errs = json_array();
+    const char *name = NULL;
+    device_name(r->body, errs, &name, 1);
+    if (json_array_size(errs)) {
+        http_reply_validation(r, errs);
+        return;
+    }
+    json_decref(errs);
+    token_op t = {r->account_id, 0, (char *)name};
+    rt_envelope *rep = call(r, srv->router, rt_codec_envelope(ROUTER_TOKEN_CREATE, PROTO_V1, &token_op_schema, &t));
+    if (!rep || reply_if_problem(r, rep))
+        return;
+    token_reply tr = {0};
+    if (rep->type != REPLY_TOKEN || rt_codec_decode_env(&token_reply_schema, PROTO_V1, rep, &tr) != 0) {
+        rt_envelope_free(rep);
+        http_reply_problem(r, 500, "internal_error", "unexpected reply");
+        return;
+    }
+    sodium_memzero(rep->data, rep->len);
+    rt_envelope_free(rep);
+    json_t *o = view_token(tr.id, tr.name, tr.prefix, tr.created_at, 0);
+    json_object_set_new(o, "token", json_string(tr.token ? tr.token : ""));
+    if (tr.token)
+        sodium_memzero(tr.token, strlen(tr.token));
+    http_reply_json(r, 201, o, NULL);
+    rt_codec_free(&token_reply_schema, &tr);
+}
+
+typedef struct tlist_ctx {
+    http_req *r;
+    json_t *data;
+    int limit, n, more;
+    uint64_t last;
+} tlist_ctx;
+
+static int list_token(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+{
+    tlist_ctx *c = arg;
+    tok_rec t = {0};
+    if (klen != 9 || rt_codec_decode(&tok_schema, val, vlen, &t) != 0)
+        return 0;
+    if (t.account_id == c->r->account_id) {
+        if (c->n == c->limit) {
+            c->more = 1;
+            rt_codec_free(&tok_schema, &t);
+            return 1;
+        }
+        int64_t used = tokens_last_used(t.id);
+        json_array_append_new(c->data, view_token(t.id, t.name, t.prefix, t.created_at,
+                                                  used > t.last_used_at ? used : t.last_used_at));
+        c->n++;
+        c->last = t.id;
+    }
+    rt_codec_free(&tok_schema, &t);
+    return 0;
+}
+
+static void h_list_tokens(http_req *r)
+{
+    tt_server *srv = r->app;
+    json_t *errs = json_array();
+    tlist_ctx c = {.r = r};
+    uint64_t after;
+    if (parse_limit(r, &c.limit, &after, errs) != 0) {
+        http_reply_validation(r, errs);
+        return;
+    }
+    json_decref(errs);
+    c.data = json_array();
+    uint8_t prefix[1] = {K_TOKEN}, start[KEY_MAX];
+    size_t slen = after ? key_u64(start, K_TOKEN, after + 1) : 0;
+    store_scan(srv->store, prefix, 1, after ? start : NULL, slen, SIZE_MAX, list_token, &c);
+    http_reply_json(r, 200, page(c.data, c.more, c.last), NULL);
+}
+
+static void h_delete_token(http_req *r)
+{
+    tt_server *srv = r->app;
+    uint64_t id = parse_id(r->params[0]);
+    if (!id) {
+        http_reply_problem(r, 404, "not_found", "token %s not found", r->params[0]);
+        return;
+    }
+    token_op t = {r->account_id, id, NULL};
+    rt_envelope *rep = call(r, srv->router, rt_codec_envelope(ROUTER_TOKEN_DELETE, PROTO_V1, &token_op_schema, &t));
+    if (!rep || reply_if_problem(r, rep))
+        return;
+    rt_envelope_free(rep);
+    http_reply_empty(r, 204);
+}
+
+/* Tests only (TARATXT_TEST_CLOCK=1): moves the server's clock forward, so
+ * expiry and rate limits are tested without sleeping. */
+static void h_test_clock(http_req *r)
+{
+    tt_server *srv = r->app;
+    if (!srv->o.test_clock) {
+        http_reply_problem(r, 404, "not_found", "no such route");
+        return;
+    }
+    json_t *errs = json_array();
+    int64_t secs = int_field(r->body, "advance_seconds", -1, 0, 400LL * 86400, errs, "must be 0 to 34560000");
+    if (secs < 0 && !json_array_size(errs))
+        field_error(errs, "advance_seconds", "is required");
+    if (json_array_size(errs)) {
+        http_reply_validation(r, errs);
+        return;
+    }
+    json_decref(errs);
+    tt_clock_advance(secs * 1000);
+    char buf[25];
+    http_reply_json(r, 200, json_pack("{ss}", "now", tt_time_format(tt_now_ms(), buf)), NULL);
+}
+
 /* ---- operations ------------------------------------------------------------------------ */
 
 static void h_healthz(http_req *r)
@@ -1255,12 +1503,55 @@ static const http_route routes[] = {
     {"DELETE", "/api/v1/devices/{id}/pins/{number}", h_reset_pin, 1, 0},
     {"PATCH", "/api/v1/devices/{id}/pins/{number}", h_patch_pin, 1, BODY_MAX},
     {"POST", "/api/v1/devices/{id}/pins/{number}/safe-word", h_regenerate_pin, 1, BODY_MAX},
+    {"POST", "/api/v1/otp/send", h_otp_send, 1, BODY_MAX},
+    {"POST", "/api/v1/otp/verify", h_otp_verify, 1, BODY_MAX},
+    {"GET", "/api/v1/tokens", h_list_tokens, 1, 0},
+    {"POST", "/api/v1/tokens", h_post_token, 1, BODY_MAX},
+    {"DELETE", "/api/v1/tokens/{id}", h_delete_token, 1, 0},
+    {"POST", "/api/v1/_test/clock", h_test_clock, 1, BODY_MAX},
 };
 
 const http_route *handlers_routes(size_t *n)
 {
     *n = sizeof(routes) / sizeof(routes[0]);
     return routes;
+}
+
+/* Tokens' last use, in memory: two levels of fixed chunks by token id (like
+ * the device registry), so a worker records a use with one relaxed store
+ * and the router flushes the times to disk once a minute. */
+#define TOKUSE_CHUNK_BITS 12
+#define TOKUSE_CHUNKS 1024
+static _Atomic(_Atomic int64_t *) tokuse[TOKUSE_CHUNKS];
+
+static void token_used(uint64_t id, int64_t now)
+{
+    uint64_t c = id >> TOKUSE_CHUNK_BITS;
+    if (c >= TOKUSE_CHUNKS)
+        return;
+    _Atomic int64_t *chunk = atomic_load_explicit(&tokuse[c], memory_order_acquire);
+    if (!chunk) {
+        _Atomic int64_t *fresh = calloc((size_t)1 << TOKUSE_CHUNK_BITS, sizeof(*fresh));
+        _Atomic int64_t *expected = NULL;
+        if (!fresh)
+            return;
+        /* acq_rel: publish the zeroed chunk, or see the one that won. */
+        if (atomic_compare_exchange_strong_explicit(&tokuse[c], &expected, fresh, memory_order_acq_rel,
+                                                    memory_order_acquire))
+            chunk = fresh;
+        else {
+            free(fresh);
+            chunk = expected;
+        }
+    }
+    atomic_store_explicit(&chunk[id & ((1u << TOKUSE_CHUNK_BITS) - 1)], now, memory_order_relaxed);
+}
+
+int64_t tokens_last_used(uint64_t id)
+{
+    uint64_t c = id >> TOKUSE_CHUNK_BITS;
+    _Atomic int64_t *chunk = c < TOKUSE_CHUNKS ? atomic_load_explicit(&tokuse[c], memory_order_acquire) : NULL;
+    return chunk ? atomic_load_explicit(&chunk[id & ((1u << TOKUSE_CHUNK_BITS) - 1)], memory_order_relaxed) : 0;
 }
 
 /* Token -> account. Tokens are stored as hashes (API.md 7). */
@@ -1285,5 +1576,7 @@ int handlers_auth(void *app, const char *token, uint64_t *account_id, uint64_t *
     *account_id = t.account_id;
     *token_id = t.id;
     rt_codec_free(&tok_schema, &t);
+    if (ok)
+        token_used(*token_id, tt_now_ms());
     return ok ? 0 : -1;
 }

@@ -45,6 +45,7 @@ static const rt_field msg_fields[] = {
     RT_FIELD(msg_rec, safe_word_verified, RT_F_I64),
     RT_FIELD(msg_rec, safe_word, RT_F_NSTR),
     RT_FIELD(msg_rec, inbound_id, RT_F_NSTR),
+    RT_FIELD(msg_rec, sealed, RT_F_BIN),
 };
 const rt_schema msg_schema = RT_SCHEMA("message", msg_fields);
 

@@ -27,6 +27,7 @@
 #define K_PIN     'P'   /* P account number     -> pin_rec */
 #define K_DEVPIN  'p'   /* p device number      -> "" (a device's pins, by number) */
 #define K_INBOUND 'N'   /* N device inbound-id  -> message id (8), inbound dedupe */
+#define K_OTP     'O'   /* O account number     -> otp_rec (written by the OTP actor) */
 #define K_META    'Z'   /* Z name               -> value */
 
 #define KEY_MAX 80
@@ -65,6 +66,7 @@ typedef struct msg_rec {
     int64_t safe_word_verified; /* -1 not applicable, 0 false, 1 true */
     char *safe_word;       /* carried in P/send when pinned to this device */
     char *inbound_id;      /* device's id for an inbound SMS */
+    rt_bin sealed;         /* OTP: the real text, sealed with the server key; `text` is masked */
 } msg_rec;
 
 typedef struct dev_rec {
