@@ -199,6 +199,9 @@ static int known(device *d, uint64_t id)
     for (size_t i = 0; i < RECENT; i++)
         if (d->recent[i] == id)
             return 1;
+    for (size_t i = 0; i < SENTC; i++)
+        if (d->sentc[i] && d->sentc[i]->id == id)
+            return 1;
     return 0;
 }
 
@@ -337,11 +340,12 @@ static msg_rec *msg_copy(const msg_rec *r)
 static void leave_pending(device *d, msg_rec *r)
 {
     write_msg(d, r, 1);
+    if (msg_status_final(r->status))
+        remember(d, r->id);
     if (r->status == ST_SENT && d->wr) {
         uint8_t k[KEY_MAX];
         preq_put(d->wr, k, key_u64x2(k, K_SENT, d->h->id, r->id), "", 0);
     }
-    remember(d, r->id);
     atomic_fetch_sub_explicit(&d->h->queued, 1, memory_order_relaxed);
     if (r->status == ST_SENT) {
         msg_rec *c = msg_copy(r);
@@ -354,6 +358,8 @@ static void leave_pending(device *d, msg_rec *r)
 static void write_sent(device *d, const msg_rec *r)
 {
     write_msg(d, r, 0);
+    if (msg_status_final(r->status))
+        remember(d, r->id);
     if (msg_status_final(r->status) && d->wr) {
         uint8_t k[KEY_MAX];
         preq_del(d->wr, k, key_u64x2(k, K_SENT, d->h->id, r->id));
@@ -735,6 +741,15 @@ static void on_report(device *d, const char *payload, size_t len)
         json_decref(o);
         return;
     }
+    /* Finished here a moment ago: its final state may not be on disk yet. */
+    for (size_t i = 0; i < RECENT; i++)
+        if (d->recent[i] == id) {
+            LOG_INFO("device %" PRIu64 ": late %s report for message %" PRIu64 ", which is final; ignored", d->h->id,
+                     json_string_value(jst), id);
+            metrics_report_ignored("late");
+            json_decref(o);
+            return;
+        }
     /* Not in memory: a report for a message in the store queue (handed over
      * before a restart), for a sent message evicted from memory, or a stray. */
     msg_rec r = {0};
