@@ -1133,10 +1133,11 @@ static void device_dispatch(rt_actor *self, void *state, rt_envelope *env)
             msg_free(r); /* the store has it; a refill will bring it */
             break;
         }
-        q_insert(d, r);
+        int64_t expires_at = r->expires_at;
+        q_insert(d, r); /* may free r: the store keeps it for a refill */
         pump(d);
-        if (r->expires_at)
-            arm(d, r->expires_at);
+        if (expires_at)
+            arm(d, expires_at);
         break;
     }
     case DEV_MQTT: {

@@ -689,13 +689,52 @@ static int parse_limit(http_req *r, int *limit, uint64_t *after, json_t *errs)
     return json_array_size(errs) ? -1 : 0;
 }
 
-typedef struct list_ctx {
+/* One page of a list being built: items, the cursor (the last id looked
+ * at), and whether the store holds more. */
+typedef struct page_ctx {
     http_req *r;
     json_t *data;
-    int limit;
-    int n;
+    int limit, n, more;
     uint64_t last;
-    int more;
+} page_ctx;
+
+/* 1 when the page is full: the item at hand belongs to the next page. */
+static int page_full(page_ctx *c)
+{
+    if (c->n < c->limit)
+        return 0;
+    c->more = 1;
+    return 1;
+}
+
+static void page_push(page_ctx *c, json_t *item, uint64_t id)
+{
+    json_array_append_new(c->data, item);
+    c->n++;
+    c->last = id;
+}
+
+/* Parses ?limit and ?cursor into c and *after; replies 422 and returns -1
+ * on a bad value (errs is consumed either way). */
+static int page_begin(http_req *r, page_ctx *c, uint64_t *after, json_t *errs)
+{
+    c->r = r;
+    parse_limit(r, &c->limit, after, errs);
+    if (json_array_size(errs)) {
+        http_reply_validation(r, errs);
+        return -1;
+    }
+    json_decref(errs);
+    c->data = json_array();
+    return 0;
+}
+
+static json_t *page(json_t *data, int more, uint64_t last);
+
+static void page_reply(page_ctx *c) { http_reply_json(c->r, 200, page(c->data, c->more, c->last), NULL); }
+
+typedef struct list_ctx {
+    page_ctx p;
     /* filters */
     int direction, status;
     uint64_t device_id;
@@ -706,14 +745,12 @@ typedef struct list_ctx {
 static int list_msg(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
 {
     list_ctx *c = arg;
-    tt_server *srv = c->r->app;
+    tt_server *srv = c->p.r->app;
     if (klen != 17)
         return 0;
     uint64_t id = ~key_get_u64(key + 9);
-    if (c->n == c->limit) {
-        c->more = 1;
+    if (page_full(&c->p))
         return 1;
-    }
     msg_rec m = {0};
     uint8_t k[KEY_MAX];
     if (store_get(srv->store, k, key_u64(k, K_MESSAGE, id), &msg_schema, &m) != 0)
@@ -722,13 +759,10 @@ static int list_msg(const uint8_t *key, size_t klen, const char *val, size_t vle
                (c->status < 0 || (int)m.status == c->status) && (!c->device_id || m.device_id == c->device_id) &&
                (!c->number || (m.to && !strcmp(m.to, c->number)) || (m.from && !strcmp(m.from, c->number))) &&
                (!c->since || m.created_at >= c->since) && (!c->until || m.created_at < c->until);
-    if (keep) {
-        json_array_append_new(c->data, view_message(&m));
-        c->n++;
-        c->last = id;
-    } else {
-        c->last = id;
-    }
+    if (keep)
+        page_push(&c->p, view_message(&m), id);
+    else
+        c->p.last = id; /* filtered out, but the next page starts after it */
     rt_codec_free(&msg_schema, &m);
     return 0;
 }
@@ -753,9 +787,9 @@ static void h_list_messages(http_req *r)
 {
     tt_server *srv = r->app;
     json_t *errs = json_array();
-    list_ctx c = {.r = r, .direction = -1, .status = -1};
+    list_ctx c = {.p = {.r = r}, .direction = -1, .status = -1};
     uint64_t after;
-    parse_limit(r, &c.limit, &after, errs);
+    parse_limit(r, &c.p.limit, &after, errs);
     char buf[64], num[TT_PHONE_MAX];
     if (http_query(r, "direction", buf, sizeof(buf))) {
         if (!strcmp(buf, "outbound"))
@@ -784,7 +818,7 @@ static void h_list_messages(http_req *r)
         return;
     }
     json_decref(errs);
-    c.data = json_array();
+    c.p.data = json_array();
     uint8_t prefix[KEY_MAX], start[KEY_MAX];
     key_u64(prefix, K_ACCTMSG, r->account_id);
     size_t slen = 0;
@@ -792,11 +826,11 @@ static void h_list_messages(http_req *r)
         slen = key_acctmsg(start, r->account_id, after - 1);
     int n = store_scan(srv->store, prefix, 9, after ? start : NULL, slen, SIZE_MAX, list_msg, &c);
     if (n < 0) {
-        json_decref(c.data);
+        json_decref(c.p.data);
         http_reply_problem(r, 503, "store_unavailable", "the store could not be read");
         return;
     }
-    http_reply_json(r, 200, page(c.data, c.more, c.last), NULL);
+    page_reply(&c.p);
 }
 
 /* ---- devices ------------------------------------------------------------------------- */
@@ -829,23 +863,14 @@ static void h_get_device(http_req *r)
     rt_codec_free(&dev_schema, &d);
 }
 
-typedef struct dlist_ctx {
-    http_req *r;
-    json_t *data;
-    int limit, n, more;
-    uint64_t last;
-} dlist_ctx;
-
 static int list_dev(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
 {
-    dlist_ctx *c = arg;
+    page_ctx *c = arg;
     tt_server *srv = c->r->app;
     if (klen != 17)
         return 0;
-    if (c->n == c->limit) {
-        c->more = 1;
+    if (page_full(c))
         return 1;
-    }
     uint64_t id = key_get_u64(key + 9);
     dev_handle *h = devreg_get(&srv->reg, id);
     dev_rec d = {0};
@@ -853,30 +878,23 @@ static int list_dev(const uint8_t *key, size_t klen, const char *val, size_t vle
     if (!h || atomic_load_explicit(&h->deleted, memory_order_relaxed) ||
         store_get(srv->store, k, key_u64(k, K_DEVICE, id), &dev_schema, &d) != 0)
         return 0;
-    json_array_append_new(c->data, view_device(srv, id, d.name, atomic_load(&h->rate_per_minute), d.created_at));
+    page_push(c, view_device(srv, id, d.name, atomic_load(&h->rate_per_minute), d.created_at), id);
     rt_codec_free(&dev_schema, &d);
-    c->n++;
-    c->last = id;
     return 0;
 }
 
 static void h_list_devices(http_req *r)
 {
     tt_server *srv = r->app;
-    json_t *errs = json_array();
-    dlist_ctx c = {.r = r};
+    page_ctx c = {0};
     uint64_t after;
-    if (parse_limit(r, &c.limit, &after, errs) != 0) {
-        http_reply_validation(r, errs);
+    if (page_begin(r, &c, &after, json_array()) != 0)
         return;
-    }
-    json_decref(errs);
-    c.data = json_array();
     uint8_t prefix[KEY_MAX], start[KEY_MAX];
     key_u64(prefix, K_ACCTDEV, r->account_id);
     size_t slen = after ? key_u64x2(start, K_ACCTDEV, r->account_id, after + 1) : 0;
     store_scan(srv->store, prefix, 9, after ? start : NULL, slen, SIZE_MAX, list_dev, &c);
-    http_reply_json(r, 200, page(c.data, c.more, c.last), NULL);
+    page_reply(&c);
 }
 
 
@@ -1359,30 +1377,20 @@ static void h_post_token(http_req *r)
     rt_codec_free(&token_reply_schema, &tr);
 }
 
-typedef struct tlist_ctx {
-    http_req *r;
-    json_t *data;
-    int limit, n, more;
-    uint64_t last;
-} tlist_ctx;
-
 static int list_token(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
 {
-    tlist_ctx *c = arg;
+    page_ctx *c = arg;
     tok_rec t = {0};
     if (klen != 9 || rt_codec_decode(&tok_schema, val, vlen, &t) != 0)
         return 0;
     if (t.account_id == c->r->account_id) {
-        if (c->n == c->limit) {
-            c->more = 1;
+        if (page_full(c)) {
             rt_codec_free(&tok_schema, &t);
             return 1;
         }
         int64_t used = tokens_last_used(t.id);
-        json_array_append_new(c->data, view_token(t.id, t.name, t.prefix, t.created_at,
-                                                  used > t.last_used_at ? used : t.last_used_at));
-        c->n++;
-        c->last = t.id;
+        page_push(c, view_token(t.id, t.name, t.prefix, t.created_at, used > t.last_used_at ? used : t.last_used_at),
+                  t.id);
     }
     rt_codec_free(&tok_schema, &t);
     return 0;
@@ -1391,19 +1399,14 @@ static int list_token(const uint8_t *key, size_t klen, const char *val, size_t v
 static void h_list_tokens(http_req *r)
 {
     tt_server *srv = r->app;
-    json_t *errs = json_array();
-    tlist_ctx c = {.r = r};
+    page_ctx c = {0};
     uint64_t after;
-    if (parse_limit(r, &c.limit, &after, errs) != 0) {
-        http_reply_validation(r, errs);
+    if (page_begin(r, &c, &after, json_array()) != 0)
         return;
-    }
-    json_decref(errs);
-    c.data = json_array();
     uint8_t prefix[1] = {K_TOKEN}, start[KEY_MAX];
     size_t slen = after ? key_u64(start, K_TOKEN, after + 1) : 0;
     store_scan(srv->store, prefix, 1, after ? start : NULL, slen, SIZE_MAX, list_token, &c);
-    http_reply_json(r, 200, page(c.data, c.more, c.last), NULL);
+    page_reply(&c);
 }
 
 static void h_delete_token(http_req *r)

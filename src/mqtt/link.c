@@ -172,11 +172,13 @@ static void notify_devices(link *k, int up)
 static void on_lost(void *ctx, char *cause)
 {
     link *k = ctx;
-    atomic_store_explicit(&k->state, LS_DOWN, memory_order_release);
     LOG_WARN("mqtt: link %d lost its connection%s%s; reconnecting", k->index, cause ? ": " : "",
              cause ? cause : "");
+    /* The backoff fields first: the release store of state publishes them
+     * to the supervisor, which reads them after seeing DOWN. */
     k->backoff_ms = 1000;
     k->next_attempt_ms = tt_mono_ms() + k->backoff_ms;
+    atomic_store_explicit(&k->state, LS_DOWN, memory_order_release);
     notify_devices(k, 0);
 }
 
@@ -220,13 +222,13 @@ static void subscribe_ids(link *k, const uint64_t *ids, size_t n)
 
 static void on_connected(link *k)
 {
-    atomic_store_explicit(&k->state, LS_UP, memory_order_release);
-    k->backoff_ms = 1000;
     if (k->logged_down)
         LOG_INFO("mqtt: link %d connected to %s", k->index, k->owner->url);
     else
         LOG_DEBUG("mqtt: link %d connected to %s", k->index, k->owner->url);
+    k->backoff_ms = 1000;
     k->logged_down = 0;
+    atomic_store_explicit(&k->state, LS_UP, memory_order_release);
     size_t n;
     uint64_t *ids = link_snapshot(k, &n);
     if (ids && n)
