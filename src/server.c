@@ -334,6 +334,10 @@ int tt_server_start(tt_server *srv)
                        srv->o.topic_root, srv->o.mqtt_links, on_packet, on_link, srv};
     if ((rc = links_new(&lc, &srv->links)) != 0)
         goto fail;
+    dynsec_config dc = {srv->o.mqtt_url, srv->o.mqtt_username, srv->o.mqtt_password, srv->o.mqtt_client_prefix,
+                        srv->o.topic_root, list_devices, srv};
+    if ((rc = dynsec_new(&dc, &srv->dynsec)) != 0)
+        goto fail;
     rc = -EIO;
     srv->router = router_new(srv);
     if (!srv->router)
@@ -343,17 +347,15 @@ int tt_server_start(tt_server *srv)
         goto fail;
     if ((rc = rt_sched_start(srv->sched)) != 0)
         goto fail;
-    if ((rc = links_start(srv->links)) != 0)
-        goto fail;
-    dynsec_config dc = {srv->o.mqtt_url, srv->o.mqtt_username, srv->o.mqtt_password, srv->o.mqtt_client_prefix,
-                        srv->o.topic_root, list_devices, srv};
-    if ((rc = dynsec_new(&dc, &srv->dynsec)) != 0 || (rc = dynsec_start(srv->dynsec)) != 0)
-        goto fail;
+    /* The listener before the broker connections, so a taken port fails
+     * the start at once. */
     size_t nroutes;
     const http_route *routes = handlers_routes(&nroutes);
     http_config hc = {srv->o.listen, srv->o.http_threads, routes, nroutes, "/api/v1", handlers_auth, srv,
                       handlers_on_response};
     if ((rc = http_start(&hc, &srv->http)) != 0)
+        goto fail;
+    if ((rc = links_start(srv->links)) != 0 || (rc = dynsec_start(srv->dynsec)) != 0)
         goto fail;
     srv->started = 1;
     LOG_INFO("taratxt %s listening on http://%s (data %s, broker %s, %d %s)", TT_VERSION_STRING, srv->o.listen,
