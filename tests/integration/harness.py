@@ -193,13 +193,20 @@ def binary(var):
 class Broker:
     """A mosquitto on a loopback port with its own config and persistence."""
 
-    def __init__(self, port=None, start=True):
+    def __init__(self, port=None, start=True, dynsec=False):
         self.fixed_port = port is not None
         self.port = port or free_port()
         self.dir = mktemp("broker")
         self.conf = os.path.join(self.dir, "mosquitto.conf")
         self.logpath = os.path.join(self.dir, "mosquitto.log")
         self.proc = None
+        # dynsec: the broker enforces access with its dynamic-security plugin;
+        # admin_user/admin_password is the first admin (the server's user).
+        self.dynsec = dynsec
+        self.admin_user = "taratxt"
+        self.admin_password = "admin-%d-pass" % self.port
+        if dynsec:
+            self.init_dynsec()
         self._write_conf()
         _register(self)
         if start:
@@ -214,11 +221,24 @@ class Broker:
                     self.port = free_port()
                     self._write_conf()
 
+    def init_dynsec(self):
+        """(Re)writes the plugin's file with only the first admin: what a
+        broker that lost its plugin state looks like."""
+        path = os.path.join(self.dir, "dynsec.json")
+        if os.path.exists(path):
+            os.unlink(path)
+        r = subprocess.run(["mosquitto_ctrl", "dynsec", "init", path, self.admin_user, self.admin_password],
+                           capture_output=True, timeout=T(15))
+        must(r.returncode == 0, "mosquitto_ctrl dynsec init failed: %s" % r.stderr.decode(errors="replace"))
+
     def _write_conf(self):
         with open(self.conf, "w") as f:
+            if self.dynsec:
+                f.write("plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so\n"
+                        "plugin_opt_config_file %s/dynsec.json\n" % self.dir)
             f.write("user root\n"
                     "listener %d 127.0.0.1\n"
-                    "allow_anonymous true\n"
+                    "allow_anonymous %s\n"
                     "persistence true\n"
                     "persistence_location %s/\n"
                     "autosave_on_changes true\n"
@@ -226,7 +246,7 @@ class Broker:
                     "max_inflight_messages 100\n"
                     "log_dest stderr\n"
                     "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
-                    "connection_messages true\n" % (self.port, self.dir))
+                    "connection_messages true\n" % (self.port, "false" if self.dynsec else "true", self.dir))
 
     @property
     def url(self):
