@@ -93,10 +93,9 @@ rt_envelope *preq_finish(preq *q)
     msgpack_pack_array(&hp, q->nposts);
     size_t tail = head.size - mid;
     size_t len = head.size + q->ops.size + q->posts.size;
-    rt_envelope *env = NULL;
-    char *buf = malloc(len);
-    if (buf) {
-        char *p = buf;
+    rt_envelope *env = rt_envelope_alloc(PERSIST_WRITE, PROTO_V1, len);
+    if (env) {
+        char *p = env->data;
         memcpy(p, head.data, mid);
         p += mid;
         if (q->ops.size)
@@ -106,8 +105,6 @@ rt_envelope *preq_finish(preq *q)
         p += tail;
         if (q->posts.size)
             memcpy(p, q->posts.data, q->posts.size);
-        env = rt_envelope_new(PERSIST_WRITE, PROTO_V1, buf, len);
-        free(buf);
     }
     msgpack_sbuffer_destroy(&head);
     preq_free(q);

@@ -763,6 +763,7 @@ static void on_token_delete(router *rt, rt_envelope *env)
     }
     preq_del(q, k, key_u64(k, K_TOKEN, r.id));
     preq_del(q, k, key_tokhash(k, r.hash.ptr));
+    tokens_revoked(); /* before the write: no worker caches it from now on ... */
     preq_post(q, env->reply, env->corr, REPLY_OK, REPLY_STORE_FAILED, NULL, 0);
     if (commit(rt, q, NULL, 0) != 0)
         proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");

@@ -1422,6 +1422,7 @@ static void h_delete_token(http_req *r)
     if (!rep || reply_if_problem(r, rep))
         return;
     rt_envelope_free(rep);
+    tokens_revoked(); /* stored now: cached entries made meanwhile go too */
     http_reply_empty(r, 204);
 }
 
@@ -1557,6 +1558,24 @@ int64_t tokens_last_used(uint64_t id)
     return chunk ? atomic_load_explicit(&chunk[id & ((1u << TOKUSE_CHUNK_BITS) - 1)], memory_order_relaxed) : 0;
 }
 
+/* Each worker remembers the last token it authenticated (a keep-alive
+ * client sends the same one every time), valid while no token was revoked
+ * since: a revocation bumps token_gen before it is stored and again before
+ * its 204 is sent, so no entry made before the revocation is on disk
+ * survives it. */
+static _Atomic uint64_t token_gen;
+static __thread struct {
+    char token[TT_TOKEN_LEN + 1];
+    uint64_t account_id, token_id, gen;
+} tcache;
+
+void tokens_revoked(void)
+{
+    /* seq_cst: ordered with the revocation's store write and the cache
+     * readers' load of token_gen. */
+    atomic_fetch_add_explicit(&token_gen, 1, memory_order_seq_cst);
+}
+
 /* Token -> account. Tokens are stored as hashes (API.md 7). */
 int handlers_auth(void *app, const char *token, uint64_t *account_id, uint64_t *token_id)
 {
@@ -1564,6 +1583,13 @@ int handlers_auth(void *app, const char *token, uint64_t *account_id, uint64_t *
     size_t len = strlen(token);
     if (len != TT_TOKEN_LEN || strncmp(token, "tt_", 3) != 0)
         return -1;
+    uint64_t gen = atomic_load_explicit(&token_gen, memory_order_seq_cst);
+    if (tcache.gen == gen + 1 && tt_equal_ct(tcache.token, token, TT_TOKEN_LEN)) {
+        *account_id = tcache.account_id;
+        *token_id = tcache.token_id;
+        token_used(*token_id, tt_now_ms());
+        return 0;
+    }
     uint8_t hash[TT_HASH_BYTES], k[KEY_MAX];
     tt_hash(NULL, token, len, hash);
     char *val;
@@ -1579,7 +1605,12 @@ int handlers_auth(void *app, const char *token, uint64_t *account_id, uint64_t *
     *account_id = t.account_id;
     *token_id = t.id;
     rt_codec_free(&tok_schema, &t);
-    if (ok)
-        token_used(*token_id, tt_now_ms());
-    return ok ? 0 : -1;
+    if (!ok)
+        return -1;
+    token_used(*token_id, tt_now_ms());
+    memcpy(tcache.token, token, TT_TOKEN_LEN + 1);
+    tcache.account_id = *account_id;
+    tcache.token_id = *token_id;
+    tcache.gen = gen + 1; /* 0 means empty */
+    return 0;
 }

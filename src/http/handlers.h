@@ -12,6 +12,8 @@ int handlers_auth(void *app, const char *token, uint64_t *account_id, uint64_t *
 void handlers_free_waiters(void);
 /* When token id was last used, as seen by this process (0: not since start). */
 int64_t tokens_last_used(uint64_t token_id);
+/* A token is being revoked: workers forget the token they remember. */
+void tokens_revoked(void);
 /* Records each response in the metrics. */
 void handlers_on_response(void *app, const char *route, const char *method, int status);
 /* The API's JSON view of a message. */

@@ -26,6 +26,23 @@ rt_envelope *rt_envelope_new(uint16_t type, uint16_t version, const void *data, 
     return env;
 }
 
+rt_envelope *rt_envelope_alloc(uint16_t type, uint16_t version, size_t len)
+{
+    rt_envelope *env;
+
+    if (len > UINT32_MAX)
+        return NULL;
+    env = malloc(offsetof(rt_envelope, data) + len);
+    if (env == NULL)
+        return NULL;
+    env->type = type;
+    env->version = version;
+    env->len = (uint32_t)len;
+    env->corr = 0;
+    env->reply = NULL;
+    return env;
+}
+
 void rt_envelope_free(rt_envelope *env)
 {
     free(env);

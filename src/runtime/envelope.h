@@ -24,6 +24,9 @@ typedef struct rt_envelope {
 /* Allocates an envelope and copies len bytes of payload (data may be NULL
  * when len is 0). Returns NULL when out of memory. */
 rt_envelope *rt_envelope_new(uint16_t type, uint16_t version, const void *data, size_t len);
+/* Allocates an envelope with room for len bytes of payload, left for the
+ * caller to fill (saves a copy when the payload is assembled in place). */
+rt_envelope *rt_envelope_alloc(uint16_t type, uint16_t version, size_t len);
 void rt_envelope_free(rt_envelope *env);
 
 #endif
