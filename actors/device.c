@@ -248,19 +248,10 @@ static int q_remove(device *d, uint64_t id)
     return 0;
 }
 
-typedef struct refill_ctx {
-    device *d;
-    size_t seen;
-} refill_ctx;
-
-static int refill_one(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+/* Loads message id from the store into the queue when it is this device's
+ * and in status want. Returns 1 once the queue is full (stop scanning). */
+static int load_queued(device *d, uint64_t id, uint64_t want)
 {
-    refill_ctx *c = arg;
-    device *d = c->d;
-    c->seen++;
-    if (klen != 18)
-        return 0;
-    uint64_t id = key_get_u64(key + 10);
     if (known(d, id))
         return 0;
     msg_rec *r = calloc(1, sizeof(*r));
@@ -269,12 +260,17 @@ static int refill_one(const uint8_t *key, size_t klen, const char *val, size_t v
         free(r);
         return 0;
     }
-    if (r->status != ST_PENDING || r->device_id != d->h->id) {
+    if (r->status != want || r->device_id != d->h->id) {
         msg_free(r);
         return 0;
     }
     q_insert(d, r);
     return d->qn >= QCAP;
+}
+
+static int refill_one(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
+{
+    return klen == 18 ? load_queued(arg, key_get_u64(key + 10), ST_PENDING) : 0;
 }
 
 /* Loads pending messages from the store queue into memory. */
@@ -284,10 +280,9 @@ static void refill(device *d)
         return;
     uint8_t prefix[KEY_MAX];
     key_u64(prefix, K_QUEUE, d->h->id);
-    refill_ctx c = {d, 0};
     d->overflow = 0;
     size_t limit = QCAP + d->wn + d->qn + 1;
-    int n = store_scan(d->srv->store, prefix, 9, NULL, 0, limit, refill_one, &c);
+    int n = store_scan(d->srv->store, prefix, 9, NULL, 0, limit, refill_one, d);
     if (n < 0 || d->qn >= QCAP || (size_t)n >= limit)
         d->overflow = 1;
 }
@@ -1076,20 +1071,7 @@ static void on_cancel(device *d, const rt_envelope *env)
 
 static int requery_one(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
 {
-    device *d = arg;
-    uint64_t id = key_get_u64(key + 9);
-    msg_rec *r = calloc(1, sizeof(*r));
-    uint8_t k[KEY_MAX];
-    if (!r || known(d, id) || store_get(d->srv->store, k, key_u64(k, K_MESSAGE, id), &msg_schema, r) != 0) {
-        free(r);
-        return 0;
-    }
-    if (r->status != ST_SENT || r->device_id != d->h->id) {
-        msg_free(r);
-        return 0;
-    }
-    q_insert(d, r);
-    return d->qn >= QCAP;
+    return klen == 17 ? load_queued(arg, key_get_u64(key + 9), ST_SENT) : 0;
 }
 
 /* At start: a report the device sent before a crash may have been lost with
