@@ -53,6 +53,7 @@
 #define DS_BATCH 64               /* commands per publish */
 #define DS_OPS_PER_ROUND 16       /* queued changes taken per round */
 #define DS_PAGE 250               /* clients or roles per list command */
+#define DS_RECONCILE_RETRY_MS 30000
 #define DS_BACKOFF_MIN_MS 1000
 #define DS_BACKOFF_MAX_MS 30000
 #define DS_CHECK_PREFIX "taratxt-pw1 "
@@ -268,6 +269,10 @@ static int wait_until(dynsec *d, int64_t deadline)
 {
     if (mono_ms() >= deadline)
         return 1;
+    if (deadline == INT64_MAX) { /* no deadline */
+        pthread_cond_wait(&d->cv, &d->mu);
+        return 0;
+    }
     struct timespec ts;
     deadline_ts(deadline, &ts);
     pthread_cond_timedwait(&d->cv, &d->mu, &ts);
@@ -1394,21 +1399,31 @@ static void ds_session(dynsec *d)
         pthread_mutex_unlock(&d->mu);
         return;
     }
-    if (rc == 0)
-        rc = ds_reconcile(d);
-    if (rc != 0) {
-        if (rc == -ETIMEDOUT)
-            LOG_WARN("dynsec: the plugin stopped answering; reconnecting");
+    if (rc != 0)
         return;
-    }
+    /* A reconciliation that fails for another reason than the connection
+     * (the app cannot list its devices, the plugin refuses a listing) is
+     * retried every DS_RECONCILE_RETRY_MS, changes being applied meanwhile. */
+    int64_t retry_at = 0;
     for (;;) {
+        if (retry_at == 0 || mono_ms() >= retry_at) {
+            rc = ds_reconcile(d);
+            if (rc == -ETIMEDOUT)
+                LOG_WARN("dynsec: the plugin stopped answering; reconnecting");
+            if (rc == -ENOTCONN || rc == -ETIMEDOUT || rc == -ECANCELED)
+                return;
+            retry_at = rc == 0 ? INT64_MAX : mono_ms() + DS_RECONCILE_RETRY_MS;
+        }
         pthread_mutex_lock(&d->mu);
-        while (!d->head && d->connected && !d->stopping)
-            pthread_cond_wait(&d->cv, &d->mu);
-        ds_op *ops = d->connected && !d->stopping ? take_ops(d, DS_OPS_PER_ROUND) : NULL;
+        while (!d->head && d->connected && !d->stopping && !wait_until(d, retry_at)) {
+        }
+        int go = d->connected && !d->stopping;
+        ds_op *ops = go ? take_ops(d, DS_OPS_PER_ROUND) : NULL;
         pthread_mutex_unlock(&d->mu);
-        if (!ops)
+        if (!go)
             return;
+        if (!ops)
+            continue; /* time to retry the reconciliation */
         rc = ds_apply(d, ops);
         if (rc == -ETIMEDOUT)
             LOG_WARN("dynsec: the plugin stopped answering; reconnecting");
