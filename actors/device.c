@@ -18,6 +18,7 @@
 #include "util/phone.h"
 #include "util/safeword.h"
 #include "util/sms.h"
+#include "util/vec.h"
 
 #define QCAP 256          /* messages held in memory beyond the window */
 #define QREFILL 64        /* refill from the store when fewer remain */
@@ -32,14 +33,8 @@ typedef struct strvec {
 
 static int strvec_add(strvec *sv, const char *str)
 {
-    if (sv->n == sv->cap) {
-        size_t cap = sv->cap ? sv->cap * 2 : 8;
-        char **v = realloc(sv->v, cap * sizeof(*v));
-        if (!v)
-            return -ENOMEM;
-        sv->v = v;
-        sv->cap = cap;
-    }
+    if (TT_VEC_RESERVE(sv->v, sv->cap, sv->n + 1, 8) != 0)
+        return -ENOMEM;
     if (!(sv->v[sv->n] = strdup(str)))
         return -ENOMEM;
     sv->n++;
@@ -494,14 +489,8 @@ static void pump(device *d)
                 arm(d, wait);
                 break;
             }
-            if (d->wn == d->wcap) {
-                size_t cap = d->wcap ? d->wcap * 2 : 16;
-                witem *v = realloc(d->win, cap * sizeof(*v));
-                if (!v)
-                    break;
-                d->win = v;
-                d->wcap = cap;
-            }
+            if (TT_VEC_RESERVE(d->win, d->wcap, d->wn + 1, 16) != 0)
+                break;
             witem *w = &d->win[d->wn];
             *w = (witem){head, 0, 0, 1};
             if (hand_over(d, w, now) != 0)
@@ -902,14 +891,8 @@ static void queue_reply(device *d, const rt_envelope *req, rt_mailbox *to, uint6
                         const void *payload, size_t len)
 {
     (void)req;
-    if (d->replies.n == d->replies.cap) {
-        size_t cap = d->replies.cap ? d->replies.cap * 2 : 4;
-        reply_post *v = realloc(d->replies.v, cap * sizeof(*v));
-        if (!v)
-            return;
-        d->replies.v = v;
-        d->replies.cap = cap;
-    }
+    if (TT_VEC_RESERVE(d->replies.v, d->replies.cap, d->replies.n + 1, 4) != 0)
+        return;
     reply_post *rp = &d->replies.v[d->replies.n++];
     rp->to = to;
     rp->corr = corr;

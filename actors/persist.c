@@ -14,6 +14,7 @@
 #include "util/clock.h"
 #include "http/metrics.h"
 #include "util/log.h"
+#include "util/vec.h"
 
 /* ---- request builder ---------------------------------------------------- */
 
@@ -142,14 +143,8 @@ typedef struct persist {
 
 static int postvec_add(postvec *pv, const post *p)
 {
-    if (pv->n == pv->cap) {
-        size_t cap = pv->cap ? pv->cap * 2 : 64;
-        post *v = realloc(pv->v, cap * sizeof(*v));
-        if (!v)
-            return -ENOMEM;
-        pv->v = v;
-        pv->cap = cap;
-    }
+    if (TT_VEC_RESERVE(pv->v, pv->cap, pv->n + 1, 64) != 0)
+        return -ENOMEM;
     pv->v[pv->n++] = *p;
     return 0;
 }

@@ -21,6 +21,7 @@
 #include "http/metrics.h"
 #include "util/log.h"
 #include "util/safeword.h"
+#include "util/vec.h"
 #include <sodium.h>
 
 typedef struct acct_devs {
@@ -47,14 +48,8 @@ static acct_devs *acct_get(router *rt, uint64_t account_id, int create)
             return &rt->accts[i];
     if (!create)
         return NULL;
-    if (rt->nacct == rt->capacct) {
-        size_t cap = rt->capacct ? rt->capacct * 2 : 8;
-        acct_devs *v = realloc(rt->accts, cap * sizeof(*v));
-        if (!v)
-            return NULL;
-        rt->accts = v;
-        rt->capacct = cap;
-    }
+    if (TT_VEC_RESERVE(rt->accts, rt->capacct, rt->nacct + 1, 8) != 0)
+        return NULL;
     acct_devs *a = &rt->accts[rt->nacct++];
     *a = (acct_devs){account_id, NULL, 0, 0};
     return a;
@@ -65,14 +60,8 @@ static int acct_add(router *rt, uint64_t account_id, uint64_t device_id)
     acct_devs *a = acct_get(rt, account_id, 1);
     if (!a)
         return -ENOMEM;
-    if (a->n == a->cap) {
-        size_t cap = a->cap ? a->cap * 2 : 8;
-        uint64_t *v = realloc(a->ids, cap * sizeof(*v));
-        if (!v)
-            return -ENOMEM;
-        a->ids = v;
-        a->cap = cap;
-    }
+    if (TT_VEC_RESERVE(a->ids, a->cap, a->n + 1, 8) != 0)
+        return -ENOMEM;
     a->ids[a->n++] = device_id; /* ids only grow, so the list stays sorted */
     return 0;
 }

@@ -29,6 +29,7 @@
 #include "http/handlers.h"
 #include "util/clock.h"
 #include "util/log.h"
+#include "util/vec.h"
 #include <sodium.h>
 
 /* ---- device registry ---------------------------------------------------------- */
@@ -283,16 +284,10 @@ static int collect_device(const uint8_t *key, size_t klen, const char *val, size
     uint8_t *pw = NULL;
     size_t pwlen = 0;
     if (tt_unseal(l->srv->key, d.password_sealed.ptr, d.password_sealed.len, &pw, &pwlen) == 0) {
-        if (l->n == l->cap) {
-            size_t cap = l->cap ? l->cap * 2 : 64;
-            dynsec_device *v = realloc(l->v, cap * sizeof(*v));
-            if (!v) {
-                free(pw);
-                rt_codec_free(&dev_schema, &d);
-                return 1;
-            }
-            l->v = v;
-            l->cap = cap;
+        if (TT_VEC_RESERVE(l->v, l->cap, l->n + 1, 64) != 0) {
+            free(pw);
+            rt_codec_free(&dev_schema, &d);
+            return 1;
         }
         l->v[l->n++] = (dynsec_device){d.id, (char *)pw};
     } else {

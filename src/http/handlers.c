@@ -24,6 +24,7 @@
 #include "util/phone.h"
 #include "util/safeword.h"
 #include "util/sms.h"
+#include "util/vec.h"
 
 #define BODY_MAX (64 * 1024)
 #define TEXT_MAX_CP 1600
@@ -48,16 +49,10 @@ static rt_waiter *thread_waiter(void)
     if (!w)
         return NULL;
     pthread_mutex_lock(&waiters_mu);
-    if (nwaiters == capwaiters) {
-        size_t cap = capwaiters ? capwaiters * 2 : 64;
-        rt_waiter **v = realloc(waiters, cap * sizeof(*v));
-        if (!v) {
-            pthread_mutex_unlock(&waiters_mu);
-            rt_waiter_free(w);
-            return NULL;
-        }
-        waiters = v;
-        capwaiters = cap;
+    if (TT_VEC_RESERVE(waiters, capwaiters, nwaiters + 1, 64) != 0) {
+        pthread_mutex_unlock(&waiters_mu);
+        rt_waiter_free(w);
+        return NULL;
     }
     waiters[nwaiters++] = w;
     pthread_mutex_unlock(&waiters_mu);
@@ -270,15 +265,9 @@ static int idem_claim(char *name)
             pthread_mutex_unlock(&idem_mu);
             return -EBUSY;
         }
-    if (idem_nrunning == idem_caprunning) {
-        size_t cap = idem_caprunning ? idem_caprunning * 2 : 64;
-        char **v = realloc(idem_running, cap * sizeof(*v));
-        if (!v) {
-            pthread_mutex_unlock(&idem_mu);
-            return -ENOMEM;
-        }
-        idem_running = v;
-        idem_caprunning = cap;
+    if (TT_VEC_RESERVE(idem_running, idem_caprunning, idem_nrunning + 1, 64) != 0) {
+        pthread_mutex_unlock(&idem_mu);
+        return -ENOMEM;
     }
     idem_running[idem_nrunning++] = name;
     pthread_mutex_unlock(&idem_mu);

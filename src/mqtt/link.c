@@ -17,6 +17,7 @@
 
 #include "util/clock.h"
 #include "util/log.h"
+#include "util/vec.h"
 
 enum { LS_DOWN = 0, LS_CONNECTING = 1, LS_UP = 2 };
 
@@ -63,15 +64,9 @@ static int link_add_device(link *k, uint64_t id)
             pthread_mutex_unlock(&k->mu);
             return 0;
         }
-    if (k->ndev == k->capdev) {
-        size_t cap = k->capdev ? k->capdev * 2 : 16;
-        uint64_t *v = realloc(k->devices, cap * sizeof(*v));
-        if (!v) {
-            pthread_mutex_unlock(&k->mu);
-            return -ENOMEM;
-        }
-        k->devices = v;
-        k->capdev = cap;
+    if (TT_VEC_RESERVE(k->devices, k->capdev, k->ndev + 1, 16) != 0) {
+        pthread_mutex_unlock(&k->mu);
+        return -ENOMEM;
     }
     k->devices[k->ndev++] = id;
     pthread_mutex_unlock(&k->mu);
