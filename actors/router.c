@@ -136,7 +136,9 @@ static void pin_to_rec(const pin_entry *e, pin_rec *p)
     *p = (pin_rec){1, (char *)e->number, e->device_id, (char *)e->safe_word, e->created_at, e->last_used_at};
 }
 
-static int pin_write(preq *q, const pin_entry *e)
+/* Writes the pin; with_index also its entry in the device's pin list (only
+ * needed when the pin is new: the list holds no data). */
+static int pin_write(preq *q, const pin_entry *e, int with_index)
 {
     pin_rec p;
     pin_to_rec(e, &p);
@@ -146,7 +148,8 @@ static int pin_write(preq *q, const pin_entry *e)
         return -ENOMEM;
     uint8_t k[KEY_MAX];
     preq_put(q, k, key_u64_str(k, K_PIN, e->account_id, e->number), val, vlen);
-    preq_put(q, k, key_u64_str(k, K_DEVPIN, e->device_id, e->number), "", 0);
+    if (with_index)
+        preq_put(q, k, key_u64_str(k, K_DEVPIN, e->device_id, e->number), "", 0);
     free(val);
     return 0;
 }
@@ -186,7 +189,7 @@ static pin_entry *pin_create(router *rt, preq *q, uint64_t account_id, const cha
     snprintf(n.number, sizeof(n.number), "%s", number);
     tt_safeword_new(n.safe_word);
     pin_entry *e = pincache_put(rt->pins, &n);
-    if (!e || pin_write(q, e) != 0)
+    if (!e || pin_write(q, e, 1) != 0)
         return NULL;
     pin_notify(q, h, pin_payload(e));
     atomic_fetch_add_explicit(&h->pins, 1, memory_order_relaxed);
@@ -280,7 +283,7 @@ static int route_one(router *rt, const submit *s, preq *q, char **val, size_t *v
         safe_word = pin->safe_word;
     } else if (routing == RT_PINNED || safe_word) {
         pin->last_used_at = now;
-        pin_write(q, pin);
+        pin_write(q, pin, 0);
     }
     msg_rec r = {0};
     r.v = 1;
@@ -870,7 +873,7 @@ static void on_pin_op(router *rt, rt_envelope *env)
                 snprintf(e->safe_word, sizeof(e->safe_word), "%s", p.safe_word ? p.safe_word : "");
             else
                 tt_safeword_new(e->safe_word);
-            if (pin_write(q, e) != 0)
+            if (pin_write(q, e, 0) != 0)
                 goto oom;
             pin_notify(q, h, pin_payload(e));
             reply_pin(q, env, e);
