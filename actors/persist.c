@@ -114,12 +114,13 @@ rt_envelope *preq_finish(preq *q)
 
 /* ---- the actor ------------------------------------------------------------ */
 
+/* A post waiting for its commit: the envelope is built when the request is
+ * applied, so delivering it is one push (its type becomes fail_type when the
+ * commit fails). */
 typedef struct post {
     rt_mailbox *to;
-    uint64_t corr;
     uint16_t type, fail_type;
-    uint32_t len;
-    char *payload;
+    rt_envelope *env;
 } post;
 
 typedef struct postvec {
@@ -182,6 +183,23 @@ static int apply_request(persist *ps, const rt_envelope *env)
         if (p.via.array.ptr[4].type != MSGPACK_OBJECT_BIN)
             goto out;
     }
+    /* Posts first: they are the part that can fail (memory), and a failure
+     * must leave nothing of this request in the batch. */
+    size_t mark = ps->posts.n;
+    for (uint32_t i = 0; i < posts.via.array.size; i++) {
+        msgpack_object *f = posts.via.array.ptr[i].via.array.ptr;
+        post p = {(rt_mailbox *)(uintptr_t)f[0].via.u64, (uint16_t)f[2].via.u64, (uint16_t)f[3].via.u64, NULL};
+        p.env = rt_envelope_new(p.type, PROTO_V1, f[4].via.bin.ptr, f[4].via.bin.size);
+        if (p.env)
+            p.env->corr = f[1].via.u64;
+        if (!p.env || postvec_add(&ps->posts, &p)) {
+            rt_envelope_free(p.env);
+            while (ps->posts.n > mark)
+                rt_envelope_free(ps->posts.v[--ps->posts.n].env);
+            rc = -ENOMEM;
+            goto out;
+        }
+    }
     for (uint32_t i = 0; i < ops.via.array.size; i++) {
         msgpack_object *kv = ops.via.array.ptr[i].via.array.ptr;
         if (kv[1].type == MSGPACK_OBJECT_NIL)
@@ -189,24 +207,6 @@ static int apply_request(persist *ps, const rt_envelope *env)
         else
             rocksdb_writebatch_put(ps->wb, kv[0].via.bin.ptr, kv[0].via.bin.size, kv[1].via.bin.ptr,
                                    kv[1].via.bin.size);
-    }
-    for (uint32_t i = 0; i < posts.via.array.size; i++) {
-        msgpack_object *f = posts.via.array.ptr[i].via.array.ptr;
-        post p = {(rt_mailbox *)(uintptr_t)f[0].via.u64, f[1].via.u64, (uint16_t)f[2].via.u64,
-                  (uint16_t)f[3].via.u64, f[4].via.bin.size, NULL};
-        if (p.len) {
-            p.payload = malloc(p.len);
-            if (!p.payload) {
-                rc = -ENOMEM;
-                goto out;
-            }
-            memcpy(p.payload, f[4].via.bin.ptr, p.len);
-        }
-        if (postvec_add(&ps->posts, &p)) {
-            free(p.payload);
-            rc = -ENOMEM;
-            goto out;
-        }
     }
     atomic_fetch_add_explicit(&ps->stats->ops, ops.via.array.size, memory_order_relaxed);
     rc = 0;
@@ -217,21 +217,13 @@ out:
 
 /* Tries to deliver p; 0 when delivered (or dropped for good), -EAGAIN when
  * the target mailbox is full. */
-static int deliver(const post *p, int ok)
+/* Pushes p's envelope: 0 when delivered (p no longer owns it), -EAGAIN
+ * when the target mailbox is full. */
+static int deliver(post *p)
 {
-    uint16_t type = ok ? p->type : p->fail_type;
-    if (!type || !p->to)
-        return 0;
-    rt_envelope *env = rt_envelope_new(type, PROTO_V1, p->payload, p->len);
-    if (!env) {
-        LOG_ERROR("out of memory delivering a commit notification");
+    if (rt_mailbox_push(p->to, p->env) != 0)
         return -EAGAIN;
-    }
-    env->corr = p->corr;
-    if (rt_mailbox_push(p->to, env) != 0) {
-        rt_envelope_free(env);
-        return -EAGAIN;
-    }
+    p->env = NULL;
     return 0;
 }
 
@@ -247,12 +239,16 @@ static void deliver_all(persist *ps, postvec *pv, int ok)
 {
     for (size_t i = 0; i < pv->n; i++) {
         post *p = &pv->v[i];
-        if (deliver(p, ok) == -EAGAIN && ok) {
-            if (postvec_add(&ps->deferred, p) == 0)
-                continue;
-            LOG_ERROR("out of memory deferring a commit notification");
+        uint16_t type = ok ? p->type : p->fail_type;
+        if (!type || !p->to) {
+            rt_envelope_free(p->env);
+            continue;
         }
-        free(p->payload);
+        p->env->type = type;
+        if (deliver(p) == -EAGAIN && postvec_add(&ps->deferred, p) != 0) {
+            LOG_ERROR("out of memory deferring a commit notification");
+            rt_envelope_free(p->env);
+        }
     }
     pv->n = 0;
 }
@@ -262,10 +258,8 @@ static void retry_deferred(persist *ps)
     size_t keep = 0;
     for (size_t i = 0; i < ps->deferred.n; i++) {
         post *p = &ps->deferred.v[i];
-        if (deliver(p, 1) == -EAGAIN)
+        if (deliver(p) == -EAGAIN)
             ps->deferred.v[keep++] = *p;
-        else
-            free(p->payload);
     }
     ps->deferred.n = keep;
     if (keep)
@@ -335,7 +329,7 @@ static void persist_stopped(rt_actor *self, void *state)
     persist *ps = state;
     /* Whatever is still deferred at shutdown has nobody left to read it. */
     for (size_t i = 0; i < ps->deferred.n; i++)
-        free(ps->deferred.v[i].payload);
+        rt_envelope_free(ps->deferred.v[i].env);
     free(ps->deferred.v);
     free(ps->posts.v);
     rocksdb_writebatch_destroy(ps->wb);
