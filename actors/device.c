@@ -493,7 +493,14 @@ static void pump(device *d)
                 break;
             witem *w = &d->win[d->wn];
             *w = (witem){head, 0, 0, 1};
-            if (hand_over(d, w, now) != 0)
+            int rc = hand_over(d, w, now);
+            if (rc == -EIO) { /* its text cannot be read back: it can never be sent */
+                q_pop(d);
+                fail_msg(d, head, "unreadable", now);
+                msg_free(head);
+                continue;
+            }
+            if (rc != 0)
                 break;
             q_pop(d);
             d->wn++;

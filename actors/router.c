@@ -37,6 +37,7 @@ typedef struct router {
     uint64_t last_device_id;
     uint64_t last_token_id;
     pincache *pins;
+    int made_pin;         /* the last route_one made a new pin */
 } router;
 
 #define TOKEN_FLUSH_MS 60000
@@ -276,6 +277,7 @@ static int route_one(router *rt, const submit *s, preq *q, char **val, size_t *v
     }
     size_t mark = preq_nops(q);
     (void)mark;
+    rt->made_pin = routing == RT_AUTO;
     if (routing == RT_AUTO) {
         pin = pin_create(rt, q, s->account_id, s->to, h, now, 1);
         if (!pin)
@@ -422,12 +424,13 @@ static void on_batch(router *rt, rt_envelope *env)
     msgpack_object_array items = f[3].via.array;
     preq *q = preq_new();
     dev_handle **hs = calloc(items.size ? items.size : 1, sizeof(*hs));
+    char **made = calloc(items.size ? items.size : 1, sizeof(*made));
     msgpack_sbuffer sb;
     msgpack_packer pk;
     msgpack_sbuffer_init(&sb);
     msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
     size_t nh = 0;
-    if (!q || !hs) {
+    if (!q || !hs || !made) {
         proto_reply_problem(env, 503, "overloaded", "out of memory");
         goto out;
     }
@@ -448,11 +451,15 @@ static void on_batch(router *rt, rt_envelope *env)
         char *val = NULL;
         size_t vlen = 0;
         dev_handle *h = NULL;
+        rt->made_pin = 0;
         int ok = kv && kv[1].type == MSGPACK_OBJECT_BIN &&
                  rt_codec_decode(&submit_schema, kv[1].via.bin.ptr, kv[1].via.bin.size, &s) == 0 &&
                  route_one(rt, &s, q, &val, &vlen, &h, &o) == 0;
         if (ok) {
-            hs[nh++] = h;
+            hs[nh] = h;
+            if (rt->made_pin)
+                made[nh] = strdup(s.to);
+            nh++;
             msgpack_pack_uint64(&pk, 202);
             msgpack_pack_bin(&pk, vlen);
             msgpack_pack_bin_body(&pk, val, vlen);
@@ -471,11 +478,18 @@ static void on_batch(router *rt, rt_envelope *env)
     if (idem_key)
         idem_put(q, account_id, IDEM_BATCH, idem_key, &idem_hash, 207, REPLY_BATCH, sb.data, sb.size);
     preq_post(q, env->reply, env->corr, REPLY_BATCH, REPLY_STORE_FAILED, sb.data, sb.size);
-    if (commit(rt, q, hs, nh) != 0)
+    if (commit(rt, q, hs, nh) != 0) {
         proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
+        for (size_t i = 0; i < nh; i++) /* pins made for the batch were not stored */
+            if (made[i])
+                pincache_remove(rt->pins, account_id, made[i]);
+    }
     q = NULL;
 out:
     preq_free(q);
+    for (size_t i = 0; made && i < nh; i++)
+        free(made[i]);
+    free(made);
     free(hs);
     free(idem_key);
     msgpack_sbuffer_destroy(&sb);
