@@ -31,6 +31,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdalign.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -206,9 +207,13 @@ static void sched_wake_pooled(void *arg)
     sched_busy(s);
     pthread_mutex_lock(&s->rq_mu);
     sched_rq_append(s, a);
-    if (s->rq_idle > 0)
-        pthread_cond_signal(&s->rq_cv);
+    int idle = s->rq_idle > 0;
     pthread_mutex_unlock(&s->rq_mu);
+    /* Signalled after the unlock, so the woken thread does not block at once
+     * on the mutex we still hold. Not lost: the actor is on the queue, which
+     * an idle thread checks under the mutex before it waits. */
+    if (idle)
+        pthread_cond_signal(&s->rq_cv);
 }
 
 static void *sched_pool_main(void *arg)
@@ -254,8 +259,10 @@ static void sched_wake_dedicated(void *arg)
     sched_busy(a->s);
     pthread_mutex_lock(&a->mu);
     a->signaled = true;
-    pthread_cond_signal(&a->cv);
     pthread_mutex_unlock(&a->mu);
+    /* After the unlock (see sched_wake_pooled); the flag is set under the
+     * mutex, which the thread checks before it waits. */
+    pthread_cond_signal(&a->cv);
 }
 
 static void *sched_dedicated_main(void *arg)
@@ -750,11 +757,14 @@ void rt_sched_depths(rt_sched *s, void (*fn)(const char *kind, uint64_t depth, v
 
 /* ---- waiters ------------------------------------------------------------ */
 
+/* The wake-up is a semaphore: one atomic and, only when the waiter sleeps,
+ * one futex call on each side (a mutex and condition variable cost a lock
+ * round-trip more, on the path every HTTP request takes). A post is never
+ * lost: it is counted until a wait takes it; a spare post only costs the
+ * waiter one more look at an empty mailbox. */
 struct rt_waiter {
     rt_mailbox *mb;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;              /* CLOCK_MONOTONIC */
-    bool signaled;                  /* under mu */
+    sem_t sem;
     rt_envelope *buf[WAITER_BATCH];
 };
 
@@ -762,10 +772,7 @@ static void waiter_wake(void *arg)
 {
     rt_waiter *w = arg;
 
-    pthread_mutex_lock(&w->mu);
-    w->signaled = true;
-    pthread_cond_signal(&w->cv);
-    pthread_mutex_unlock(&w->mu);
+    sem_post(&w->sem);
 }
 
 rt_waiter *rt_waiter_new(void)
@@ -774,10 +781,8 @@ rt_waiter *rt_waiter_new(void)
 
     if (w == NULL)
         return NULL;
-    if (pthread_mutex_init(&w->mu, NULL) != 0)
-        goto fail_mu;
-    if (sched_cond_init_mono(&w->cv) != 0)
-        goto fail_cv;
+    if (sem_init(&w->sem, 0, 0) != 0)
+        goto fail_sem;
     /* Replies come from a handful of actor threads; a small ring each. */
     w->mb = rt_mailbox_new(16, waiter_wake, w);
     if (w->mb == NULL)
@@ -785,10 +790,8 @@ rt_waiter *rt_waiter_new(void)
     return w;
 
 fail_mb:
-    pthread_cond_destroy(&w->cv);
-fail_cv:
-    pthread_mutex_destroy(&w->mu);
-fail_mu:
+    sem_destroy(&w->sem);
+fail_sem:
     free(w);
     return NULL;
 }
@@ -798,8 +801,7 @@ void rt_waiter_free(rt_waiter *w)
     if (w == NULL)
         return;
     rt_mailbox_free(w->mb);
-    pthread_cond_destroy(&w->cv);
-    pthread_mutex_destroy(&w->mu);
+    sem_destroy(&w->sem);
     free(w);
 }
 
@@ -834,19 +836,11 @@ rt_envelope *rt_waiter_wait(rt_waiter *w, uint64_t corr, int timeout_ms)
         if (more)
             continue;
 
-        pthread_mutex_lock(&w->mu);
-        while (!w->signaled) {
-            if (timeout_ms < 0) {
-                pthread_cond_wait(&w->cv, &w->mu);
-            } else if (pthread_cond_timedwait(&w->cv, &w->mu, &deadline) == ETIMEDOUT) {
-                break;
-            }
-        }
-        if (!w->signaled) {
-            pthread_mutex_unlock(&w->mu);
-            return NULL;
-        }
-        w->signaled = false;
-        pthread_mutex_unlock(&w->mu);
+        int rc;
+        do
+            rc = timeout_ms < 0 ? sem_wait(&w->sem) : sem_clockwait(&w->sem, CLOCK_MONOTONIC, &deadline);
+        while (rc != 0 && errno == EINTR);
+        if (rc != 0)
+            return NULL; /* ETIMEDOUT */
     }
 }
