@@ -199,6 +199,10 @@ static int check_options(const tt_server_options *o)
         o->window < 1 || o->window > 1000 || o->dispatch_timeout_s < 1 || o->dispatch_timeout_s > 86400 ||
         o->sched_threads < 0 || o->sched_threads > 256 || o->pin_cache_entries < 1)
         return -ERANGE;
+    if (!o->otp_template || !strstr(o->otp_template, "{code}") || strlen(o->otp_template) > 1000) {
+        LOG_ERROR("the OTP template must contain {code} and be at most 1000 characters");
+        return -EINVAL;
+    }
     return 0;
 }
 
