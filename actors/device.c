@@ -422,9 +422,14 @@ static int hand_over(device *d, witem *w, int64_t now)
      * device gets the code. */
     uint8_t *plain = NULL;
     size_t plen = 0;
-    if (r->sealed.len && tt_unseal(d->srv->key, r->sealed.ptr, r->sealed.len, &plain, &plen) != 0) {
-        LOG_ERROR("message %" PRIu64 ": its sealed text does not open with this server key", r->id);
-        return -EIO;
+    if (r->sealed.len) {
+        int urc = tt_unseal(d->srv->key, r->sealed.ptr, r->sealed.len, &plain, &plen);
+        if (urc == -EINVAL) {
+            LOG_ERROR("message %" PRIu64 ": its sealed text does not open with this server key", r->id);
+            return -EBADMSG;
+        }
+        if (urc)
+            return -EAGAIN;
     }
     json_t *o = json_pack("{sIssss}", "id", (json_int_t)r->id, "to", r->to ? r->to : "", "message",
                           plain ? (const char *)plain : r->text);
@@ -468,8 +473,12 @@ static void pump(device *d)
                 arm(d, wait);
                 goto done;
             }
-            if (hand_over(d, &d->win[i], now) != 0)
+            int rc = hand_over(d, &d->win[i], now);
+            if (rc != 0) {
+                if (rc != -ENOTCONN)
+                    arm(d, now + 250);
                 goto done;
+            }
         }
         while (d->wn < window) {
             if (!d->qn) {
@@ -494,14 +503,17 @@ static void pump(device *d)
             witem *w = &d->win[d->wn];
             *w = (witem){head, 0, 0, 1};
             int rc = hand_over(d, w, now);
-            if (rc == -EIO) { /* its text cannot be read back: it can never be sent */
+            if (rc == -EBADMSG) { /* its text cannot be read back: it can never be sent */
                 q_pop(d);
                 fail_msg(d, head, "unreadable", now);
                 msg_free(head);
                 continue;
             }
-            if (rc != 0)
+            if (rc != 0) {
+                if (rc != -ENOTCONN) /* the link refused for now: try again shortly */
+                    arm(d, now + 250);
                 break;
+            }
             q_pop(d);
             d->wn++;
             atomic_store_explicit(&d->h->inflight, (int64_t)d->wn, memory_order_relaxed);
@@ -941,6 +953,8 @@ static int fail_stored(const uint8_t *key, size_t klen, const char *val, size_t 
     failscan *c = arg;
     device *d = c->d;
     uint64_t id = key_get_u64(key + klen - 8);
+    if (known(d, id)) /* its newest state is in memory, handled already */
+        return 0;
     msg_rec r = {0};
     uint8_t k[KEY_MAX];
     preq *q = wr(d);

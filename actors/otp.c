@@ -80,6 +80,7 @@ typedef struct otp {
     rt_actor *self;
     entry **buckets;
     size_t nbuckets, size;
+    size_t sweep_at;      /* entries in memory that trigger forgetting idle ones */
     pending *waiting;
     uint64_t next_corr;
 } otp;
@@ -113,6 +114,28 @@ static int grow(otp *o)
     return 0;
 }
 
+#define IDLE_MS (10 * 60000)
+
+/* Forgets entries idle for ten minutes (their state is on disk long since;
+ * a later request loads it again), so memory follows recent activity, not
+ * every number ever seen. */
+static void sweep(otp *o, int64_t now)
+{
+    for (size_t i = 0; i < o->nbuckets; i++)
+        for (entry **pe = &o->buckets[i]; *pe;) {
+            entry *e = *pe;
+            if (!e->sending && now - e->touched > IDLE_MS) {
+                *pe = e->next;
+                sodium_memzero(e, sizeof(*e));
+                free(e);
+                o->size--;
+            } else {
+                pe = &e->next;
+            }
+        }
+    o->sweep_at = o->size * 2 > 4096 ? o->size * 2 : 4096;
+}
+
 /* The entry of (account, number): in memory, else loaded from the store,
  * else new. NULL on ENOMEM. */
 static entry *get_entry(otp *o, uint64_t account_id, const char *number)
@@ -120,6 +143,8 @@ static entry *get_entry(otp *o, uint64_t account_id, const char *number)
     for (entry *e = o->buckets[ehash(account_id, number) & (o->nbuckets - 1)]; e; e = e->next)
         if (e->account_id == account_id && !strcmp(e->number, number))
             return e;
+    if (o->size >= o->sweep_at)
+        sweep(o, tt_now_ms());
     if (o->size * 2 >= o->nbuckets && grow(o) != 0)
         return NULL;
     entry *e = calloc(1, sizeof(*e));
@@ -528,6 +553,7 @@ rt_actor *otp_new(tt_server *srv)
         return NULL;
     }
     o->srv = srv;
+    o->sweep_at = 4096;
     rt_actor *a = rt_actor_new(srv->sched, "otp", 1024, &otp_ops, o);
     if (!a) {
         free(o->buckets);

@@ -377,9 +377,11 @@ static void on_submit(router *rt, rt_envelope *env)
     dev_handle *h = NULL;
     if (!q) {
         proto_reply_problem(env, 503, "overloaded", "out of memory");
-    } else if (route_one(rt, &s, q, &val, &vlen, &h, &o) != 0) {
-        /* A pin made in q before the failure is not stored: forget it. */
-        pincache_remove(rt->pins, s.account_id, s.to);
+    } else if ((rt->made_pin = 0, route_one(rt, &s, q, &val, &vlen, &h, &o)) != 0) {
+        /* A pin made in q before the failure is not stored: forget it
+         * (only one this request made: another may be on its way to disk). */
+        if (rt->made_pin)
+            pincache_remove(rt->pins, s.account_id, s.to);
         preq_free(q);
         reply_failure(rt, env, &s, &o);
     } else {
@@ -387,7 +389,8 @@ static void on_submit(router *rt, rt_envelope *env)
             idem_put(q, s.account_id, s.idem_route, s.idem_key, &s.idem_hash, 202, REPLY_MESSAGE, val, vlen);
         preq_post(q, env->reply, env->corr, REPLY_MESSAGE, REPLY_STORE_FAILED, val, vlen);
         if (commit(rt, q, &h, 1) != 0) {
-            pincache_remove(rt->pins, s.account_id, s.to);
+            if (rt->made_pin)
+                pincache_remove(rt->pins, s.account_id, s.to);
             proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
         }
     }
@@ -496,6 +499,18 @@ out:
     msgpack_unpacked_destroy(&u);
 }
 
+/* ---- ids ------------------------------------------------------------------------ */
+
+/* Device and token ids are never reused, even when the newest one was
+ * deleted: the largest id handed out is kept under a meta key, written in
+ * the same commit as the record that took it. */
+static void put_high_water(preq *q, const char *name, uint64_t id)
+{
+    uint8_t k[KEY_MAX], v[8];
+    key_put_u64(v, id);
+    preq_put(q, k, key_meta(k, name), v, 8);
+}
+
 /* ---- devices ------------------------------------------------------------------ */
 
 static int device_write(preq *q, const dev_rec *d)
@@ -553,6 +568,7 @@ static void on_device_create(router *rt, rt_envelope *env)
         goto out;
     }
     preq_put(q, k, key_u64x2(k, K_ACCTDEV, d.account_id, d.id), "", 0);
+    put_high_water(q, "last_device_id", d.id);
     if (commit(rt, q, NULL, 0) != 0) {
         proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
         goto out;
@@ -688,6 +704,9 @@ static void on_device_delete(router *rt, rt_envelope *env)
     /* The device actor fails its unfinished messages and answers the client
      * once that is stored too. */
     preq_post(q, rt_actor_mailbox(h->actor), env->corr, DEV_DELETE, 0, buf, len);
+    /* If the commit fails, the client still hears (the device answers only
+     * after a commit that happened). */
+    preq_post(q, env->reply, env->corr, 0, REPLY_STORE_FAILED, NULL, 0);
     free(buf);
     if (commit(rt, q, NULL, 0) != 0) {
         proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
@@ -731,6 +750,7 @@ static void on_token_create(router *rt, rt_envelope *env)
         goto out;
     }
     preq_put(q, k, key_u64(k, K_TOKEN, r.id), val, vlen);
+    put_high_water(q, "last_token_id", r.id);
     key_put_u64(idv, r.id);
     preq_put(q, k, key_tokhash(k, hash), idv, 8);
     preq_post(q, env->reply, env->corr, REPLY_TOKEN, REPLY_STORE_FAILED, rb, rlen);
@@ -1026,7 +1046,7 @@ rt_actor *router_new(tt_server *srv)
         return NULL;
     rt->srv = srv;
     rt->pins = pincache_new((size_t)srv->o.pin_cache_entries);
-    uint64_t last = store_last_id(srv->store, K_DEVICE);
+    uint64_t last = store_high_water(srv->store, K_DEVICE, "last_device_id");
     load_ctx c = {rt, calloc(last + 1, sizeof(int64_t)), calloc(last + 1, sizeof(int64_t)), last + 1, 0};
     if (!c.counts || !c.pins || !rt->pins) {
         free(c.counts);
@@ -1048,7 +1068,7 @@ rt_actor *router_new(tt_server *srv)
         return NULL;
     }
     rt->last_device_id = last > rt->last_device_id ? last : rt->last_device_id;
-    rt->last_token_id = store_last_id(srv->store, K_TOKEN);
+    rt->last_token_id = store_high_water(srv->store, K_TOKEN, "last_token_id");
     rt_actor *a = rt_actor_new(srv->sched, "router", 1024, &router_ops, rt);
     if (!a)
         router_stopped(NULL, rt);

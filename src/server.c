@@ -108,13 +108,15 @@ static int account_create(tt_store *st, const char *name, uint64_t *account_id, 
     char prefix[8];
     memcpy(prefix, token, 7);
     prefix[7] = 0;
-    tok_rec t = {1, store_last_id(st, K_TOKEN) + 1, a.id, "initial", prefix, now, 0, {hash, sizeof(hash)}};
+    tok_rec t = {1, store_high_water(st, K_TOKEN, "last_token_id") + 1, a.id, "initial", prefix, now, 0,
+                 {hash, sizeof(hash)}};
     rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
     uint8_t k[KEY_MAX], idv[8];
     int rc = batch_put_rec(wb, k, key_u64(k, K_ACCOUNT, a.id), &acct_schema, &a);
     rc |= batch_put_rec(wb, k, key_u64(k, K_TOKEN, t.id), &tok_schema, &t);
     key_put_u64(idv, t.id);
     rocksdb_writebatch_put(wb, (const char *)k, key_tokhash(k, hash), (const char *)idv, 8);
+    rocksdb_writebatch_put(wb, (const char *)k, key_meta(k, "last_token_id"), (const char *)idv, 8);
     if (rc == 0)
         rc = direct_write(st, wb);
     rocksdb_writebatch_destroy(wb);

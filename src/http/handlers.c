@@ -89,8 +89,14 @@ static rt_envelope *call(http_req *r, rt_actor *actor, rt_envelope *env)
         http_reply_problem_ex(r, 503, "overloaded", "the server is busy; retry shortly", NULL, "Retry-After: 1\r\n");
         return NULL;
     }
-    /* The actors always answer (API.md 1); the wait has no limit. */
-    return rt_waiter_wait(w, corr, -1);
+    /* The actors always answer (API.md 1). The limit only guards a worker
+     * against a bug: it is far above any commit or queue time. */
+    rt_envelope *rep = rt_waiter_wait(w, corr, 120000);
+    if (!rep) {
+        LOG_ERROR("no answer from the %s actor within 120 s", rt_actor_kind(actor));
+        http_reply_problem(r, 500, "internal_error", "the request got no answer in time; its outcome is unknown");
+    }
+    return rep;
 }
 
 /* Sends a REPLY_PROBLEM / REPLY_STORE_FAILED reply as the response. Returns 1

@@ -275,6 +275,30 @@ uint64_t store_last_id(tt_store *st, char tag)
     return id;
 }
 
+size_t key_meta(uint8_t *out, const char *name)
+{
+    size_t n = strlen(name);
+    if (n > KEY_MAX - 1)
+        n = KEY_MAX - 1;
+    out[0] = K_META;
+    memcpy(out + 1, name, n);
+    return n + 1;
+}
+
+uint64_t store_high_water(tt_store *st, char tag, const char *name)
+{
+    uint64_t last = store_last_id(st, tag), stored = 0;
+    uint8_t k[KEY_MAX];
+    char *v;
+    size_t vl;
+    if (store_get_raw(st, k, key_meta(k, name), &v, &vl) == 0) {
+        if (vl == 8)
+            stored = key_get_u64((const uint8_t *)v);
+        rocksdb_free(v);
+    }
+    return stored > last ? stored : last;
+}
+
 int store_scan(tt_store *st, const uint8_t *prefix, size_t plen, const uint8_t *start, size_t slen,
                size_t limit, store_iter_fn fn, void *arg)
 {

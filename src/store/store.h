@@ -152,6 +152,13 @@ int store_get_raw(tt_store *st, const uint8_t *key, size_t klen, char **val, siz
 /* The largest id under a one-byte tag whose keys are tag+u64 (0 if none). */
 uint64_t store_last_id(tt_store *st, char tag);
 
+/* Z name: a meta key. */
+size_t key_meta(uint8_t *out, const char *name);
+/* The largest id ever handed out for tag: the larger of the last key and the
+ * high-water mark stored under meta key name (ids of deleted records are
+ * never reused). */
+uint64_t store_high_water(tt_store *st, char tag, const char *name);
+
 /* Iterates keys with the given prefix starting at start (>= prefix); calls fn
  * for each until it returns nonzero or limit items were visited. Returns the
  * number visited, or a negative error. */
