@@ -38,6 +38,8 @@ typedef struct router {
     uint64_t last_token_id;
     pincache *pins;
     int made_pin;         /* the last route_one made a new pin */
+    uint64_t revoked[64]; /* recently deleted tokens: a flush must not write them back */
+    size_t revoked_i;
 } router;
 
 #define TOKEN_FLUSH_MS 60000
@@ -793,8 +795,10 @@ static void on_token_delete(router *rt, rt_envelope *env)
     preq_post(q, env->reply, env->corr, REPLY_OK, REPLY_STORE_FAILED, NULL, 0);
     if (commit(rt, q, NULL, 0) != 0)
         proto_reply_problem(env, 503, "overloaded", "the server is busy; retry shortly");
-    else
+    else {
+        rt->revoked[rt->revoked_i++ % 64] = r.id;
         LOG_INFO("token %" PRIu64 " (%s...) of account %" PRIu64 " revoked", r.id, r.prefix, r.account_id);
+    }
 out:
     rt_codec_free(&tok_schema, &r);
     rt_codec_free(&token_op_schema, &t);
@@ -813,6 +817,9 @@ static int flush_token(const uint8_t *key, size_t klen, const char *val, size_t 
     if (klen != 9 || rt_codec_decode(&tok_schema, val, vlen, &r) != 0)
         return 0;
     int64_t used = tokens_last_used(r.id);
+    for (size_t i = 0; i < 64; i++)
+        if (c->rt->revoked[i] == r.id)
+            used = 0; /* its delete may not be on disk yet */
     if (used > r.last_used_at) {
         r.last_used_at = used;
         char *v;
