@@ -24,6 +24,7 @@
 #define QREFILL 64        /* refill from the store when fewer remain */
 #define MAX_TIMEOUTS 3
 #define RECENT 512
+#define INBOUND_ID_TTL_MS (7LL * 24 * 3600 * 1000)
 #define SENTC 128         /* sent messages kept in memory for their delivery report */
 
 typedef struct strvec {
@@ -856,10 +857,15 @@ static void on_inbound(device *d, const char *payload, size_t len)
         char *v;
         size_t vl;
         if (store_get_raw(d->srv->store, k, key_u64_str(k, K_INBOUND, d->h->id, id), &v, &vl) == 0) {
+            /* value: message id, time stored. Ids are remembered 7 days
+             * (API.md 8): an older one is a new SMS that reuses the id. */
+            int64_t at = vl == 16 ? (int64_t)key_get_u64((const uint8_t *)v + 8) : now;
             rocksdb_free(v);
-            publish_ack(d, id); /* a repeat of one already stored */
-            json_decref(o);
-            return;
+            if (now - at < INBOUND_ID_TTL_MS) {
+                publish_ack(d, id); /* a repeat of one already stored */
+                json_decref(o);
+                return;
+            }
         }
     }
     msg_rec r = {0};
@@ -893,9 +899,10 @@ static void on_inbound(device *d, const char *payload, size_t len)
     if (q) {
         preq_put(q, k, key_acctmsg(k, r.account_id, r.id), "", 0);
         if (id) {
-            uint8_t idv[8];
+            uint8_t idv[16];
             key_put_u64(idv, r.id);
-            preq_put(q, k, key_u64_str(k, K_INBOUND, d->h->id, id), idv, 8);
+            key_put_u64(idv + 8, (uint64_t)now);
+            preq_put(q, k, key_u64_str(k, K_INBOUND, d->h->id, id), idv, 16);
             strvec_add(&d->acks_next, id);
         }
     }

@@ -140,5 +140,35 @@ def test_inbound():
     check(srv.alive() and sim2.alive(), "server alive")
 
 
+def test_inbound_ids_remembered_seven_days():
+    """A repeated inbound id is stored once for 7 days (API.md 8); after that
+    the same id is a new SMS (phones reuse ids)."""
+    broker = Broker()
+    srv = Server(broker=broker, extra=["--test-clock", "1"])
+    api = srv.api()
+    dev = api.create_device("week")
+    first = DevSim(dev)  # the server subscribed the device's topics once it shows online
+    api.wait_online(dev["id"])
+    first.term()
+
+    def inbound(text):
+        sim = DevSim(dev, ["--inbound-id", "same-id-1", "--inbound", "+639175550000:" + text])
+        sim.wait_event(lambda e: e.get("event") == "ack" and e.get("inbound") == "same-id-1", 20,
+                       "the inbound SMS acknowledged")
+        sim.term()
+
+    def count():
+        return len(api.list_all(query="direction=inbound"))
+
+    inbound("first")
+    check_eq(count(), 1, "inbound messages after the first SMS")
+    inbound("first again")
+    check_eq(count(), 1, "a repeat of the id within 7 days is not stored again")
+    r = api.post("/_test/clock", {"advance_seconds": 7 * 24 * 3600 + 60})
+    check_eq(r.status, 200, "moving the clock")
+    inbound("a week later")
+    check_eq(count(), 2, "the same id after 7 days is a new SMS")
+
+
 if __name__ == "__main__":
-    run([test_inbound])
+    run([test_inbound, test_inbound_ids_remembered_seven_days])
