@@ -138,6 +138,7 @@ typedef struct persist {
     postvec posts;      /* waiting for the current batch's commit */
     postvec deferred;   /* committed, but their mailbox was full */
     int retry_armed;
+    msgpack_zone *zone;   /* for decoding requests */
     _Atomic int *store_ok;
     persist_stats *stats;
 } persist;
@@ -154,13 +155,12 @@ static int postvec_add(postvec *pv, const post *p)
  * anything of it is added, so a malformed request leaves no half record. */
 static int apply_request(persist *ps, const rt_envelope *env)
 {
-    msgpack_unpacked u;
-    msgpack_unpacked_init(&u);
     size_t off = 0;
     int rc = -EINVAL;
-    if (msgpack_unpack_next(&u, env->data, env->len, &off) != MSGPACK_UNPACK_SUCCESS)
+    msgpack_object root;
+    /* One zone, cleared after each request: no allocation per request. */
+    if (msgpack_unpack(env->data, env->len, &off, ps->zone, &root) != MSGPACK_UNPACK_SUCCESS)
         goto out;
-    msgpack_object root = u.data;
     if (root.type != MSGPACK_OBJECT_ARRAY || root.via.array.size != 2)
         goto out;
     msgpack_object ops = root.via.array.ptr[0], posts = root.via.array.ptr[1];
@@ -211,7 +211,7 @@ static int apply_request(persist *ps, const rt_envelope *env)
     atomic_fetch_add_explicit(&ps->stats->ops, ops.via.array.size, memory_order_relaxed);
     rc = 0;
 out:
-    msgpack_unpacked_destroy(&u);
+    msgpack_zone_clear(ps->zone);
     return rc;
 }
 
@@ -334,6 +334,7 @@ static void persist_stopped(rt_actor *self, void *state)
     free(ps->posts.v);
     rocksdb_writebatch_destroy(ps->wb);
     rocksdb_writeoptions_destroy(ps->wopts);
+    msgpack_zone_free(ps->zone);
     free(ps);
 }
 
@@ -351,10 +352,13 @@ rt_actor *persist_new(rt_sched *s, tt_store *st, _Atomic int *store_ok, persist_
     ps->wb = rocksdb_writebatch_create();
     ps->wopts = rocksdb_writeoptions_create();
     rocksdb_writeoptions_set_sync(ps->wopts, 1);
-    ps->self = rt_actor_new_dedicated(s, "persist", 4096, 2048, &persist_ops, ps);
+    ps->zone = msgpack_zone_new(16384);
+    ps->self = ps->zone ? rt_actor_new_dedicated(s, "persist", 4096, 2048, &persist_ops, ps) : NULL;
     if (!ps->self) {
         rocksdb_writebatch_destroy(ps->wb);
         rocksdb_writeoptions_destroy(ps->wopts);
+        if (ps->zone)
+            msgpack_zone_free(ps->zone);
         free(ps);
         return NULL;
     }
