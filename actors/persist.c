@@ -82,6 +82,23 @@ int preq_post(preq *q, rt_mailbox *to, uint64_t corr, uint16_t type, uint16_t fa
 
 size_t preq_nops(const preq *q) { return q->nops; }
 
+int preq_append(preq *dst, preq *src)
+{
+    size_t ops = dst->ops.size, posts = dst->posts.size;
+    int rc = msgpack_sbuffer_write(&dst->ops, src->ops.data, src->ops.size);
+    if (rc == 0)
+        rc = msgpack_sbuffer_write(&dst->posts, src->posts.data, src->posts.size);
+    if (rc == 0) {
+        dst->nops += src->nops;
+        dst->nposts += src->nposts;
+    } else { /* back to what dst held */
+        dst->ops.size = ops;
+        dst->posts.size = posts;
+    }
+    preq_free(src);
+    return rc ? -ENOMEM : 0;
+}
+
 rt_envelope *preq_finish(preq *q)
 {
     msgpack_sbuffer head;

@@ -28,6 +28,9 @@ int preq_del(preq *q, const void *key, size_t klen);
 int preq_post(preq *q, rt_mailbox *to, uint64_t corr, uint16_t type, uint16_t fail_type,
               const void *payload, size_t len);
 size_t preq_nops(const preq *q);
+/* Appends src's operations and posts to dst and frees src (either way).
+ * 0 or -ENOMEM (dst unchanged). */
+int preq_append(preq *dst, preq *src);
 /* Builds the PERSIST_WRITE envelope and frees the builder; NULL on ENOMEM. */
 rt_envelope *preq_finish(preq *q);
 

@@ -42,6 +42,8 @@ enum {
     ROUTER_TOKEN_CREATE = 208, /* token_op */
     ROUTER_TOKEN_DELETE = 209, /* token_op */
     ROUTER_TICK = 210,      /* timer: flush token last-use times */
+    ROUTER_PERSISTED = 211, /* its last write is on disk (or failed) */
+    ROUTER_FLUSH = 212,     /* timer: send the gathered writes again */
 
     /* otp */
     OTP_SEND = 400,         /* otp_send */

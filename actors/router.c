@@ -40,7 +40,20 @@ typedef struct router {
     int made_pin;         /* the last route_one made a new pin */
     uint64_t revoked[64]; /* recently deleted tokens: a flush must not write them back */
     size_t revoked_i;
+    rt_actor *self;
+    /* The router's writes, like a device's, go to the persistence actor one
+     * request at a time: what it routes while one is on its way is gathered
+     * into the next. So its writes land in the order it made them (the
+     * router runs on whichever pool thread, and mailboxes keep order only
+     * per thread), and the persistence actor gets one request per batch. */
+    preq *wr;             /* gathered, not sent */
+    size_t wr_ops;
+    rt_envelope *wr_env;  /* built, but persist's mailbox was full */
+    int wr_inflight;
+    int flush_armed;
 } router;
+
+#define ROUTER_WR_MAX_OPS 200000 /* past this, new writes are refused (503) */
 
 #define TOKEN_FLUSH_MS 60000
 
@@ -321,18 +334,47 @@ static int route_one(router *rt, const submit *s, preq *q, char **val, size_t *v
     return 0;
 }
 
-/* Sends q to persist; on a full mailbox undoes the queued counts. */
+/* Adds q (consumed) to the router's next write. When the store is so far
+ * behind that the gathered writes hit their bound, refuses (the caller
+ * answers 503) and undoes the queued counts. */
 static int commit(router *rt, preq *q, dev_handle **hs, size_t nh)
 {
-    rt_envelope *w = preq_finish(q);
-    if (w && rt_send(rt->srv->persist, w) == 0)
+    size_t n = preq_nops(q);
+    int rc = -EAGAIN;
+    if (rt->wr_ops + n > ROUTER_WR_MAX_OPS || (!rt->wr && !(rt->wr = preq_new())))
+        preq_free(q);
+    else if ((rc = preq_append(rt->wr, q)) == 0)
+        rt->wr_ops += n;
+    if (rc == 0)
         return 0;
-    if (w)
-        rt_envelope_free(w);
     for (size_t i = 0; i < nh; i++)
         atomic_fetch_sub_explicit(&hs[i]->queued, 1, memory_order_relaxed);
     return -EAGAIN;
 }
+
+/* Sends the gathered writes when none is on its way. */
+static void flush_writes(router *rt)
+{
+    if (rt->wr_inflight)
+        return;
+    if (!rt->wr_env && rt->wr) {
+        preq_post(rt->wr, rt_actor_mailbox(rt->self), 0, ROUTER_PERSISTED, ROUTER_PERSISTED, NULL, 0);
+        rt->wr_env = preq_finish(rt->wr);
+        rt->wr = NULL;
+        rt->wr_ops = 0;
+    }
+    if (!rt->wr_env)
+        return;
+    if (rt_send(rt->srv->persist, rt->wr_env) == 0) {
+        rt->wr_env = NULL;
+        rt->wr_inflight = 1;
+    } else if (!rt->flush_armed &&
+               rt_timer_at(rt->srv->sched, rt->self, tt_now_ms() + 2, ROUTER_FLUSH, 0) == 0) {
+        rt->flush_armed = 1; /* persist's mailbox is full: again shortly */
+    }
+}
+
+static void router_batch_end(rt_actor *self, void *state) { flush_writes(state); }
 
 /* Encodes an outcome as a problem payload (malloc'd). */
 static int encode_outcome(const outcome *o, char **buf, size_t *len)
@@ -843,10 +885,10 @@ static void flush_token_use(router *rt)
         return;
     uint8_t prefix[1] = {K_TOKEN};
     store_scan(rt->srv->store, prefix, 1, NULL, 0, SIZE_MAX, flush_token, &c);
-    if (c.n == 0 || commit(rt, c.q, NULL, 0) != 0) {
-        if (c.n == 0)
-            preq_free(c.q);
-    }
+    if (c.n == 0)
+        preq_free(c.q);
+    else
+        commit(rt, c.q, NULL, 0);
 }
 
 /* ---- pin operations ------------------------------------------------------------ */
@@ -963,6 +1005,12 @@ static void router_dispatch(rt_actor *self, void *state, rt_envelope *env)
     case ROUTER_TOKEN_DELETE:
         on_token_delete(rt, env);
         break;
+    case ROUTER_PERSISTED:
+        rt->wr_inflight = 0; /* a failure reached each request through its own post */
+        break;
+    case ROUTER_FLUSH:
+        rt->flush_armed = 0;
+        break;
     case ROUTER_TICK:
         flush_token_use(rt);
         rt_timer_at(rt->srv->sched, self, tt_now_ms() + TOKEN_FLUSH_MS, ROUTER_TICK, 0);
@@ -981,10 +1029,13 @@ static void router_stopped(rt_actor *self, void *state)
         free(rt->accts[i].ids);
     free(rt->accts);
     pincache_free(rt->pins);
+    preq_free(rt->wr);
+    if (rt->wr_env)
+        rt_envelope_free(rt->wr_env);
     free(rt);
 }
 
-static const rt_actor_ops router_ops = {router_dispatch, NULL, router_stopped};
+static const rt_actor_ops router_ops = {router_dispatch, router_batch_end, router_stopped};
 
 /* ---- start-up: load devices and count their pending messages ------------- */
 
@@ -1077,9 +1128,11 @@ rt_actor *router_new(tt_server *srv)
     rt->last_device_id = last > rt->last_device_id ? last : rt->last_device_id;
     rt->last_token_id = store_high_water(srv->store, K_TOKEN, "last_token_id");
     rt_actor *a = rt_actor_new(srv->sched, "router", 1024, &router_ops, rt);
-    if (!a)
+    if (!a) {
         router_stopped(NULL, rt);
-    else
-        rt_timer_at(srv->sched, a, tt_now_ms() + TOKEN_FLUSH_MS, ROUTER_TICK, 0);
+        return NULL;
+    }
+    rt->self = a;
+    rt_timer_at(srv->sched, a, tt_now_ms() + TOKEN_FLUSH_MS, ROUTER_TICK, 0);
     return a;
 }
