@@ -7,25 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-rt_envelope *rt_envelope_new(uint16_t type, uint16_t version, const void *data, size_t len)
-{
-    rt_envelope *env;
-
-    if (len > UINT32_MAX || (len > 0 && data == NULL))
-        return NULL;
-    env = malloc(offsetof(rt_envelope, data) + len);
-    if (env == NULL)
-        return NULL;
-    env->type = type;
-    env->version = version;
-    env->len = (uint32_t)len;
-    env->corr = 0;
-    env->reply = NULL;
-    if (len > 0)
-        memcpy(env->data, data, len);
-    return env;
-}
-
 rt_envelope *rt_envelope_alloc(uint16_t type, uint16_t version, size_t len)
 {
     rt_envelope *env;
@@ -40,6 +21,18 @@ rt_envelope *rt_envelope_alloc(uint16_t type, uint16_t version, size_t len)
     env->len = (uint32_t)len;
     env->corr = 0;
     env->reply = NULL;
+    return env;
+}
+
+rt_envelope *rt_envelope_new(uint16_t type, uint16_t version, const void *data, size_t len)
+{
+    rt_envelope *env;
+
+    if (len > 0 && data == NULL)
+        return NULL;
+    env = rt_envelope_alloc(type, version, len);
+    if (env != NULL && len > 0)
+        memcpy(env->data, data, len);
     return env;
 }
 
