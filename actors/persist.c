@@ -152,6 +152,7 @@ typedef struct persist {
     rocksdb_writebatch_t *wb;
     rocksdb_writeoptions_t *wopts;
     size_t batch_requests;
+    size_t batch_ops;     /* keys written in the batch */
     postvec posts;      /* waiting for the current batch's commit */
     postvec deferred;   /* committed, but their mailbox was full */
     int retry_armed;
@@ -170,7 +171,7 @@ static int postvec_add(postvec *pv, const post *p)
 
 /* Applies one request to the batch. The whole request is validated before
  * anything of it is added, so a malformed request leaves no half record. */
-static int apply_request(persist *ps, const rt_envelope *env)
+static int apply_request(persist *ps, const rt_envelope *env, size_t *nops)
 {
     size_t off = 0;
     int rc = -EINVAL;
@@ -226,6 +227,7 @@ static int apply_request(persist *ps, const rt_envelope *env)
                                    kv[1].via.bin.size);
     }
     atomic_fetch_add_explicit(&ps->stats->ops, ops.via.array.size, memory_order_relaxed);
+    *nops = ops.via.array.size;
     rc = 0;
 out:
     msgpack_zone_clear(ps->zone);
@@ -288,11 +290,13 @@ static void persist_dispatch(rt_actor *self, void *state, rt_envelope *env)
     persist *ps = state;
     switch (env->type) {
     case PERSIST_WRITE:
-        if (apply_request(ps, env) != 0) {
+        size_t nops = 0;
+        if (apply_request(ps, env, &nops) != 0) {
             LOG_ERROR("persist: malformed write request dropped");
             proto_reply_problem(env, 500, "internal_error", "malformed store request");
         } else {
             ps->batch_requests++;
+            ps->batch_ops += nops;
         }
         break;
     case PERSIST_RETRY:
@@ -332,10 +336,11 @@ static void persist_batch_end(rt_actor *self, void *state)
         atomic_fetch_add_explicit(&ps->stats->latency_us_sum, (uint64_t)(tt_mono_ms() - t0) * 1000,
                                   memory_order_relaxed);
         hist_add(ps->stats, ps->batch_requests);
-        metrics_commit(ps->batch_requests, (tt_mono_ms() - t0) * 1000);
+        metrics_commit(ps->batch_ops, (tt_mono_ms() - t0) * 1000);
     }
     rocksdb_writebatch_clear(ps->wb);
     ps->batch_requests = 0;
+    ps->batch_ops = 0;
     deliver_all(ps, &ps->posts, ok);
     if (ps->deferred.n)
         arm_retry(ps);

@@ -43,3 +43,8 @@ for run in 1 2 3; do
     c=$(bench/http_load.sh "http://127.0.0.1:$CP" x "$CONNS" "$DUR" 2 2>&1 | sed -n 's/^requests\/s: //p')
     echo "run $run: taratxtd $t req/s (202, fsync'd; non-2xx: ${bad:-0})   canned-202 civetweb $c req/s"
 done
+# The group commit behind those figures: requests per fsync and time per commit.
+curl -s "http://127.0.0.1:$HP/metrics" | awk '
+    /^taratxt_store_commit_batch_size_sum/ {bs=$2} /^taratxt_store_commit_batch_size_count/ {bc=$2}
+    /^taratxt_store_commit_seconds_sum/ {ss=$2}
+    END { if (bc > 0) printf "store: %d commits, %.0f keys per commit (about four per message), %.2f ms per commit (fsync included)\n", bc, bs/bc, 1000*ss/bc }'

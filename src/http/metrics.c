@@ -499,7 +499,7 @@ int metrics_render(struct tt_server *srv, char **out, size_t *len)
     }
 
     render_histogram(&b, &batch_hist, "store_commit_batch_size",
-                     "Requests written per group commit.", false);
+                     "Keys written per group commit (an accepted message writes about four).", false);
     render_histogram(&b, &commit_hist, "store_commit_seconds",
                      "Latency of a synced store write, in seconds.", true);
 
