@@ -51,6 +51,11 @@ typedef struct router {
     rt_envelope *wr_env;  /* built, but persist's mailbox was full */
     int wr_inflight;
     int flush_armed;
+    /* Device records as last written, by id: the router is their only
+     * writer, so changes start from here, not from the store (which may not
+     * hold the previous change yet). */
+    struct devrec { char *val; size_t len; } *recs;
+    size_t caprecs;
 } router;
 
 #define ROUTER_WR_MAX_OPS 200000 /* past this, new writes are refused (503) */
@@ -557,7 +562,30 @@ static void put_high_water(preq *q, const char *name, uint64_t id)
 
 /* ---- devices ------------------------------------------------------------------ */
 
-static int device_write(preq *q, const dev_rec *d)
+/* Keeps val (taken) as device id's record. */
+static int rec_set(router *rt, uint64_t id, char *val, size_t len)
+{
+    size_t old = rt->caprecs;
+    if (TT_VEC_RESERVE(rt->recs, rt->caprecs, id + 1, 64) != 0) {
+        free(val);
+        return -ENOMEM;
+    }
+    memset(rt->recs + old, 0, (rt->caprecs - old) * sizeof(*rt->recs));
+    free(rt->recs[id].val);
+    rt->recs[id] = (struct devrec){val, len};
+    return 0;
+}
+
+static void rec_drop(router *rt, uint64_t id)
+{
+    if (id < rt->caprecs) {
+        free(rt->recs[id].val);
+        rt->recs[id] = (struct devrec){NULL, 0};
+    }
+}
+
+/* Writes the device record to the store and keeps it as the current one. */
+static int device_write(router *rt, preq *q, const dev_rec *d)
 {
     char *val;
     size_t vlen;
@@ -565,8 +593,7 @@ static int device_write(preq *q, const dev_rec *d)
         return -ENOMEM;
     uint8_t k[KEY_MAX];
     preq_put(q, k, key_u64(k, K_DEVICE, d->id), val, vlen);
-    free(val);
-    return 0;
+    return rec_set(rt, d->id, val, vlen);
 }
 
 /* Replies {device, password} after q commits. */
@@ -605,7 +632,7 @@ static void on_device_create(router *rt, rt_envelope *env)
     dev_rec d = {1, rt->last_device_id + 1, c.account_id, c.name, c.rate_per_minute, tt_now_ms(), {NULL, 0}};
     preq *q = preq_new();
     uint8_t k[KEY_MAX];
-    if (!q || new_password(rt, &d, password) != 0 || device_write(q, &d) != 0 ||
+    if (!q || new_password(rt, &d, password) != 0 || device_write(rt, q, &d) != 0 ||
         post_device_reply(q, env, &d, password) != 0) {
         preq_free(q);
         proto_reply_problem(env, 503, "overloaded", "out of memory");
@@ -636,9 +663,9 @@ out:
 /* Loads the device record of (account, id); a 404 reply otherwise. */
 static int load_own(router *rt, const rt_envelope *env, uint64_t account_id, uint64_t id, dev_handle **h, dev_rec *d)
 {
-    uint8_t k[KEY_MAX];
     *h = own_device(rt, account_id, id);
-    if (!*h || store_get(rt->srv->store, k, key_u64(k, K_DEVICE, id), &dev_schema, d) != 0) {
+    if (!*h || id >= rt->caprecs || !rt->recs[id].val ||
+        rt_codec_decode(&dev_schema, rt->recs[id].val, rt->recs[id].len, d) != 0) {
         proto_reply_problem(env, 404, "not_found", "device %" PRIu64 " not found", id);
         return -1;
     }
@@ -668,7 +695,7 @@ static void on_device_patch(router *rt, rt_envelope *env, int rotate)
         free(d.password_sealed.ptr);
         d.password_sealed = (rt_bin){NULL, 0};
     }
-    if (!q || !d.name || (rotate && new_password(rt, &d, password) != 0) || device_write(q, &d) != 0 ||
+    if (!q || !d.name || (rotate && new_password(rt, &d, password) != 0) || device_write(rt, q, &d) != 0 ||
         post_device_reply(q, env, &d, rotate ? password : NULL) != 0) {
         preq_free(q);
         proto_reply_problem(env, 503, "overloaded", "out of memory");
@@ -758,6 +785,7 @@ static void on_device_delete(router *rt, rt_envelope *env)
     }
     atomic_store_explicit(&h->deleted, 1, memory_order_relaxed);
     acct_remove(rt, d.account_id, d.id);
+    rec_drop(rt, d.id);
     if (rt->srv->dynsec)
         dynsec_delete_device(rt->srv->dynsec, d.id);
     LOG_INFO("device %" PRIu64 " deleted", d.id);
@@ -1032,6 +1060,9 @@ static void router_stopped(rt_actor *self, void *state)
     preq_free(rt->wr);
     if (rt->wr_env)
         rt_envelope_free(rt->wr_env);
+    for (size_t i = 0; i < rt->caprecs; i++)
+        free(rt->recs[i].val);
+    free(rt->recs);
     free(rt);
 }
 
@@ -1075,6 +1106,12 @@ static int load_device(const uint8_t *key, size_t klen, const char *val, size_t 
     if (klen != 9 || rt_codec_decode(&dev_schema, val, vlen, &d) != 0) {
         LOG_ERROR("store: skipping a corrupt device record");
         return 0;
+    }
+    char *copy = malloc(vlen ? vlen : 1);
+    if (!copy || (memcpy(copy, val, vlen), rec_set(rt, d.id, copy, vlen)) != 0) {
+        c->failed = 1;
+        rt_codec_free(&dev_schema, &d);
+        return 1;
     }
     devlive_rec lr = {0};
     uint8_t k[KEY_MAX];
