@@ -137,12 +137,15 @@ void pincache_remove(pincache *c, uint64_t account_id, const char *number)
         drop(c, s);
 }
 
-void pincache_remove_device(pincache *c, uint64_t device_id)
+void pincache_remove_device(pincache *c, uint64_t device_id, void (*fn)(const pin_entry *e, void *arg), void *arg)
 {
     for (pin_entry *e = c->head, *n; e; e = n) {
         n = e->next;
-        if (e->device_id == device_id)
-            drop(c, slot_of(c, e->account_id, e->number));
+        if (e->device_id != device_id)
+            continue;
+        if (fn)
+            fn(e, arg);
+        drop(c, slot_of(c, e->account_id, e->number));
     }
 }
 

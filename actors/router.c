@@ -737,14 +737,22 @@ static int delete_pin_key(const uint8_t *key, size_t klen, const char *val, size
     return 0;
 }
 
-/* Deletes every pin of a device into q. */
+static void delete_cached_pin(const pin_entry *e, void *arg)
+{
+    pinscan *c = arg;
+    pin_delete(c->q, c->account_id, c->device_id, e->number);
+}
+
+/* Deletes every pin of a device into q: those on disk, and those in the
+ * cache, which include pins whose creation is still on its way to disk (the
+ * router's writes land in order, so the delete comes after it). */
 static void delete_device_pins(router *rt, preq *q, dev_handle *h)
 {
     uint8_t prefix[KEY_MAX];
     key_u64(prefix, K_DEVPIN, h->id);
     pinscan c = {q, h->account_id, h->id, 0};
     store_scan(rt->srv->store, prefix, 9, NULL, 0, SIZE_MAX, delete_pin_key, &c);
-    pincache_remove_device(rt->pins, h->id);
+    pincache_remove_device(rt->pins, h->id, delete_cached_pin, &c);
     atomic_store_explicit(&h->pins, 0, memory_order_relaxed);
 }
 
