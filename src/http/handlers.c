@@ -663,11 +663,11 @@ static void h_get_message(http_req *r)
 
 /* Cursors are the last id returned, so paging while messages arrive neither
  * skips nor repeats (new ids sort before the cursor, newest first). */
-static int parse_limit(http_req *r, int *limit, uint64_t *after, json_t *errs)
+/* ?limit: 1 to 500, default 50. */
+static void parse_page_limit(http_req *r, int *limit, json_t *errs)
 {
     char buf[64];
     *limit = 50;
-    *after = 0;
     if (http_query(r, "limit", buf, sizeof(buf))) {
         char *end;
         long v = strtol(buf, &end, 10);
@@ -676,6 +676,13 @@ static int parse_limit(http_req *r, int *limit, uint64_t *after, json_t *errs)
         else
             *limit = (int)v;
     }
+}
+
+static int parse_limit(http_req *r, int *limit, uint64_t *after, json_t *errs)
+{
+    char buf[64];
+    *after = 0;
+    parse_page_limit(r, limit, errs);
     if (http_query(r, "cursor", buf, sizeof(buf))) {
         *after = parse_id(buf);
         if (!*after)
@@ -1057,32 +1064,28 @@ static void h_get_pin(http_req *r)
     rt_codec_free(&pin_schema, &p);
 }
 
+/* A page of pins: its cursor is the last number, not an id. */
 typedef struct plist_ctx {
-    http_req *r;
-    json_t *data;
-    int limit, n, more;
+    page_ctx p;
     char last[TT_PHONE_MAX];
 } plist_ctx;
 
 static int list_pin(const uint8_t *key, size_t klen, const char *val, size_t vlen, void *arg)
 {
     plist_ctx *c = arg;
-    tt_server *srv = c->r->app;
+    tt_server *srv = c->p.r->app;
     if (klen <= 9 || klen - 9 >= TT_PHONE_MAX)
         return 0;
-    if (c->n == c->limit) {
-        c->more = 1;
+    if (page_full(&c->p))
         return 1;
-    }
     char number[TT_PHONE_MAX];
     memcpy(number, key + 9, klen - 9);
     number[klen - 9] = 0;
     pin_rec p = {0};
     uint8_t k[KEY_MAX];
-    if (store_get(srv->store, k, key_u64_str(k, K_PIN, c->r->account_id, number), &pin_schema, &p) == 0) {
-        json_array_append_new(c->data, view_pin(&p));
+    if (store_get(srv->store, k, key_u64_str(k, K_PIN, c->p.r->account_id, number), &pin_schema, &p) == 0) {
+        page_push(&c->p, view_pin(&p), 0);
         rt_codec_free(&pin_schema, &p);
-        c->n++;
         snprintf(c->last, sizeof(c->last), "%s", number);
     }
     return 0;
@@ -1095,17 +1098,9 @@ static void h_list_pins(http_req *r)
     if (!dev)
         return;
     json_t *errs = json_array();
-    plist_ctx c = {.r = r};
+    plist_ctx c = {.p = {.r = r}};
     char buf[64];
-    c.limit = 50;
-    if (http_query(r, "limit", buf, sizeof(buf))) {
-        char *end;
-        long v = strtol(buf, &end, 10);
-        if (!*buf || *end || v < 1 || v > 500)
-            field_error(errs, "limit", "must be an integer from 1 to 500");
-        else
-            c.limit = (int)v;
-    }
+    parse_page_limit(r, &c.p.limit, errs);
     const char *cursor = http_query(r, "cursor", buf, sizeof(buf));
     if (cursor && (!*cursor || strlen(cursor) >= TT_PHONE_MAX))
         field_error(errs, "cursor", "is not a cursor this server gave out");
@@ -1114,7 +1109,7 @@ static void h_list_pins(http_req *r)
         return;
     }
     json_decref(errs);
-    c.data = json_array();
+    c.p.data = json_array();
     uint8_t prefix[KEY_MAX], start[KEY_MAX];
     key_u64(prefix, K_DEVPIN, dev);
     size_t slen = 0;
@@ -1123,7 +1118,7 @@ static void h_list_pins(http_req *r)
         start[slen++] = 0;
     }
     store_scan(srv->store, prefix, 9, cursor ? start : NULL, slen, SIZE_MAX, list_pin, &c);
-    json_t *o = json_pack("{soso}", "data", c.data, "next_cursor", c.more ? json_string(c.last) : json_null());
+    json_t *o = json_pack("{soso}", "data", c.p.data, "next_cursor", c.p.more ? json_string(c.last) : json_null());
     http_reply_json(r, 200, o, NULL);
 }
 
