@@ -9,6 +9,7 @@
 #include <msgpack.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "actors/proto.h"
 #include "util/clock.h"
@@ -158,7 +159,6 @@ typedef struct persist {
     int retry_armed;
     msgpack_zone *zone;   /* for decoding requests */
     _Atomic int *store_ok;
-    persist_stats *stats;
 } persist;
 
 static int postvec_add(postvec *pv, const post *p)
@@ -226,7 +226,6 @@ static int apply_request(persist *ps, const rt_envelope *env, size_t *nops)
             rocksdb_writebatch_put(ps->wb, kv[0].via.bin.ptr, kv[0].via.bin.size, kv[1].via.bin.ptr,
                                    kv[1].via.bin.size);
     }
-    atomic_fetch_add_explicit(&ps->stats->ops, ops.via.array.size, memory_order_relaxed);
     *nops = ops.via.array.size;
     rc = 0;
 out:
@@ -309,12 +308,12 @@ static void persist_dispatch(rt_actor *self, void *state, rt_envelope *env)
     rt_envelope_free(env);
 }
 
-static void hist_add(persist_stats *st, size_t n)
+/* Monotonic microseconds: commits take well under a millisecond. */
+static int64_t mono_us(void)
 {
-    int b = 0;
-    while (b < 7 && ((size_t)1 << b) < n)
-        b++;
-    atomic_fetch_add_explicit(&st->batch_hist[b], 1, memory_order_relaxed);
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 static void persist_batch_end(rt_actor *self, void *state)
@@ -322,7 +321,7 @@ static void persist_batch_end(rt_actor *self, void *state)
     persist *ps = state;
     if (ps->batch_requests == 0 && ps->posts.n == 0)
         return;
-    int64_t t0 = tt_mono_ms();
+    int64_t t0 = mono_us();
     char *err = NULL;
     rocksdb_write(store_db(ps->store), ps->wopts, ps->wb, &err);
     int ok = err == NULL;
@@ -330,13 +329,8 @@ static void persist_batch_end(rt_actor *self, void *state)
         LOG_ERROR("store write failed (%zu requests): %s", ps->batch_requests, err);
         free(err);
         atomic_store_explicit(ps->store_ok, 0, memory_order_relaxed);
-        atomic_fetch_add_explicit(&ps->stats->failures, 1, memory_order_relaxed);
     } else {
-        atomic_fetch_add_explicit(&ps->stats->commits, 1, memory_order_relaxed);
-        atomic_fetch_add_explicit(&ps->stats->latency_us_sum, (uint64_t)(tt_mono_ms() - t0) * 1000,
-                                  memory_order_relaxed);
-        hist_add(ps->stats, ps->batch_requests);
-        metrics_commit(ps->batch_ops, (tt_mono_ms() - t0) * 1000);
+        metrics_commit(ps->batch_ops, mono_us() - t0);
     }
     rocksdb_writebatch_clear(ps->wb);
     ps->batch_requests = 0;
@@ -362,7 +356,7 @@ static void persist_stopped(rt_actor *self, void *state)
 
 static const rt_actor_ops persist_ops = {persist_dispatch, persist_batch_end, persist_stopped};
 
-rt_actor *persist_new(rt_sched *s, tt_store *st, _Atomic int *store_ok, persist_stats *stats)
+rt_actor *persist_new(rt_sched *s, tt_store *st, _Atomic int *store_ok)
 {
     persist *ps = calloc(1, sizeof(*ps));
     if (!ps)
@@ -370,7 +364,6 @@ rt_actor *persist_new(rt_sched *s, tt_store *st, _Atomic int *store_ok, persist_
     ps->sched = s;
     ps->store = st;
     ps->store_ok = store_ok;
-    ps->stats = stats;
     ps->wb = rocksdb_writebatch_create();
     ps->wopts = rocksdb_writeoptions_create();
     rocksdb_writeoptions_set_sync(ps->wopts, 1);

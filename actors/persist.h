@@ -34,15 +34,8 @@ int preq_append(preq *dst, preq *src);
 /* Builds the PERSIST_WRITE envelope and frees the builder; NULL on ENOMEM. */
 rt_envelope *preq_finish(preq *q);
 
-typedef struct persist_stats {
-    _Atomic uint64_t commits;
-    _Atomic uint64_t ops;
-    _Atomic uint64_t failures;
-    _Atomic uint64_t batch_hist[8];   /* requests per commit: <=1,2,4,..,64,>64 */
-    _Atomic uint64_t latency_us_sum;
-} persist_stats;
 
 /* Creates the actor on its own thread. *store_ok is cleared on a failed write. */
-rt_actor *persist_new(rt_sched *s, tt_store *st, _Atomic int *store_ok, persist_stats *stats);
+rt_actor *persist_new(rt_sched *s, tt_store *st, _Atomic int *store_ok);
 
 #endif

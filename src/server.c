@@ -328,7 +328,7 @@ int tt_server_start(tt_server *srv)
     srv->sched = rt_sched_new(srv->o.sched_threads);
     if (!srv->sched)
         goto fail;
-    srv->persist = persist_new(srv->sched, srv->store, &srv->store_ok, &srv->pstats);
+    srv->persist = persist_new(srv->sched, srv->store, &srv->store_ok);
     if (!srv->persist)
         goto fail;
     links_config lc = {srv->o.mqtt_url, srv->o.mqtt_username, srv->o.mqtt_password, srv->o.mqtt_client_prefix,

@@ -44,7 +44,6 @@ struct tt_server {
     struct dynsec *dynsec;        /* broker ACL management, or NULL */
     http_server *http;
     _Atomic int store_ok;         /* cleared by persist on a failed write */
-    persist_stats pstats;
     _Atomic uint64_t next_message_id; /* ids are handed out by fetch_add */
     devreg reg;
     char *initial_token;
