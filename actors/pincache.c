@@ -149,9 +149,3 @@ void pincache_remove_device(pincache *c, uint64_t device_id, void (*fn)(const pi
     }
 }
 
-size_t pincache_size(const pincache *c) { return c->size; }
-
-size_t pincache_bytes(const pincache *c)
-{
-    return sizeof(*c) + c->nbuckets * sizeof(*c->buckets) + c->size * sizeof(pin_entry);
-}

@@ -35,7 +35,5 @@ pin_entry *pincache_put(pincache *c, const pin_entry *e);
 void pincache_remove(pincache *c, uint64_t account_id, const char *number);
 /* Removes every entry of a device, calling fn (if not NULL) on each first. */
 void pincache_remove_device(pincache *c, uint64_t device_id, void (*fn)(const pin_entry *e, void *arg), void *arg);
-size_t pincache_size(const pincache *c);
-size_t pincache_bytes(const pincache *c);
 
 #endif

@@ -57,7 +57,6 @@ enum {
     DEV_PERSISTED = 304,    /* its last write is on disk */
     DEV_PERSIST_FAILED = 305,
     DEV_START = 306,        /* load backlog, subscribe */
-    DEV_RESCAN = 307,       /* there is more in its store queue than it holds */
     DEV_PIN_PUBLISH = 308,  /* dev_text: a P/pins payload to publish */
     DEV_DELETE = 309,       /* the device was deleted: fail its messages, then reply */
     DEV_KICK = 310,         /* credentials rotated: the device is offline until it reconnects */

@@ -50,7 +50,5 @@ struct tt_server {
     int started;
 };
 
-/* Builds the device's MQTT url/credentials JSON object. */
-struct json_t;
 
 #endif

@@ -563,12 +563,6 @@ int links_publish(mqtt_links *l, uint64_t device_id, const char *suffix, const v
     return -EIO;
 }
 
-int links_device_connected(mqtt_links *l, uint64_t device_id)
-{
-    link *k = link_for(l, device_id, 0);
-    return k && atomic_load_explicit(&k->state, memory_order_acquire) == LS_UP;
-}
-
 void links_status(mqtt_links *l, int *up, int *total)
 {
     int u = 0, t = 0;

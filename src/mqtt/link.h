@@ -49,8 +49,6 @@ int links_unbind(mqtt_links *l, uint64_t device_id);
  * link is down, -EAGAIN when paho refuses for now, -EIO. */
 int links_publish(mqtt_links *l, uint64_t device_id, const char *suffix, const void *payload,
                   size_t len, int retained);
-/* 1 when device_id's link is connected. */
-int links_device_connected(mqtt_links *l, uint64_t device_id);
 /* Links connected and total (for /healthz). */
 void links_status(mqtt_links *l, int *up, int *total);
 
