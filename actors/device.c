@@ -913,10 +913,9 @@ static void on_inbound(device *d, const char *payload, size_t len)
 
 /* ---- requests from the API ------------------------------------------------------- */
 
-static void queue_reply(device *d, const rt_envelope *req, rt_mailbox *to, uint64_t corr, uint16_t type,
+static void queue_reply(device *d, rt_mailbox *to, uint64_t corr, uint16_t type,
                         const void *payload, size_t len)
 {
-    (void)req;
     if (TT_VEC_RESERVE(d->replies.v, d->replies.cap, d->replies.n + 1, 4) != 0)
         return;
     reply_post *rp = &d->replies.v[d->replies.n++];
@@ -1026,7 +1025,7 @@ static void on_delete(device *d, const rt_envelope *env)
     set_online(d, 0, now);
     links_unbind(d->srv->links, d->h->id);
     if (to.mailbox)
-        queue_reply(d, env, (rt_mailbox *)(uintptr_t)to.mailbox, env->corr, REPLY_OK, NULL, 0);
+        queue_reply(d, (rt_mailbox *)(uintptr_t)to.mailbox, env->corr, REPLY_OK, NULL, 0);
 }
 
 static void on_cancel(device *d, const rt_envelope *env)
@@ -1069,7 +1068,7 @@ static void on_cancel(device *d, const rt_envelope *env)
     char *buf;
     size_t len;
     if (rt_codec_encode(&msg_schema, r, &buf, &len) == 0) {
-        queue_reply(d, env, env->reply, env->corr, REPLY_MESSAGE, buf, len);
+        queue_reply(d, env->reply, env->corr, REPLY_MESSAGE, buf, len);
         free(buf);
     }
     LOG_INFO("message %" PRIu64 " cancelled", r->id);
